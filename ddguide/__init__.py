@@ -1,0 +1,3 @@
+"""ddguide: conditional generation from unconditional diffusion models using denoiser representations."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from ddguide.cli import main
+
+main()

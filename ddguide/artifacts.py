@@ -1,0 +1,182 @@
+"""Self-describing safetensors artifacts: kind, schema, version, config and model fingerprint.
+
+Every file ddguide writes is a safetensors file whose string metadata holds
+
+    ddguide.kind         model | features | head | samples | fid-stats | report | checkpoint
+    ddguide.schema       integer, bumped when the layout of a kind changes
+    ddguide.version      the package version that wrote it
+    ddguide.config       the full config as JSON
+    ddguide.fingerprint  content hash of the model the artifact came from (a model's own hash)
+
+Loaders check kind and schema, consumers check the fingerprint, and writes are atomic:
+the bytes go to a temporary file in the destination folder which is then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+from ddguide import __version__
+from ddguide.errors import UserError
+
+SCHEMA = 1
+KINDS = ("model", "features", "head", "samples", "fid-stats", "report", "checkpoint")
+_PREFIX = "ddguide."
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: its tensors plus what the metadata says about them."""
+
+    path: Path
+    kind: str
+    config: dict[str, Any]
+    fingerprint: str
+    tensors: dict[str, torch.Tensor]
+    schema: int = SCHEMA
+    version: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place.
+
+    A killed process leaves at most a ``.tmp-*`` file, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """Content hash of a set of named tensors (names, dtypes, shapes and bytes), 16 hex digits."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    *,
+    kind: str,
+    config: dict[str, Any],
+    fingerprint: str,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write a safetensors artifact atomically. ``extra`` holds further string metadata."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    meta = {
+        _PREFIX + "kind": kind,
+        _PREFIX + "schema": str(SCHEMA),
+        _PREFIX + "version": __version__,
+        _PREFIX + "config": json.dumps(config, sort_keys=True),
+        _PREFIX + "fingerprint": fingerprint,
+    }
+    for key, value in (extra or {}).items():
+        meta[_PREFIX + key] = str(value)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save_bytes(flat, metadata=meta)
+    return atomic_write_bytes(path, data)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len <= 0 or header_len > 100_000_000:
+                raise ValueError
+            header = json.loads(f.read(header_len))
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a safetensors file") from None
+    return dict(header.get("__metadata__") or {})
+
+
+def load(
+    path: str | os.PathLike,
+    kind: str | Iterable[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> Artifact:
+    """Load an artifact, refusing files of another kind or of an unknown schema."""
+    path = Path(path)
+    meta = read_metadata(path)
+    found = meta.get(_PREFIX + "kind")
+    if found is None:
+        raise UserError(f"{path}: a safetensors file but not a ddguide artifact (no ddguide.kind metadata)")
+    wanted = (kind,) if isinstance(kind, str) else tuple(kind or ())
+    if wanted and found not in wanted:
+        raise UserError(f"{path}: is a {found!r} artifact, expected {' or '.join(map(repr, wanted))}")
+    schema = int(meta.get(_PREFIX + "schema", "0"))
+    if schema != SCHEMA:
+        raise UserError(f"{path}: artifact schema {schema} is not supported (this ddguide reads schema {SCHEMA})")
+    try:
+        tensors = st_load_bytes(path.read_bytes())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: unreadable safetensors data ({e})") from None
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    known = {"kind", "schema", "version", "config", "fingerprint"}
+    extra = {k[len(_PREFIX):]: v for k, v in meta.items() if k.startswith(_PREFIX) and k[len(_PREFIX):] not in known}
+    return Artifact(
+        path=path,
+        kind=found,
+        config=json.loads(meta.get(_PREFIX + "config", "{}")),
+        fingerprint=meta.get(_PREFIX + "fingerprint", ""),
+        tensors=tensors,
+        schema=schema,
+        version=meta.get(_PREFIX + "version", ""),
+        extra=extra,
+    )
+
+
+def check_fingerprint(expected: str, actual: str, *, consumer: str | os.PathLike, source: str | os.PathLike) -> None:
+    """Refuse to combine artifacts that came from different models."""
+    if expected != actual:
+        raise UserError(
+            f"{consumer} was made from model {expected} but {source} is model {actual}; "
+            "heads and features only work with the model they were made from"
+        )
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a file")

@@ -1,0 +1,124 @@
+"""Model artifacts: a U-Net plus the diffusion it was trained with, adapted once into a denoiser.
+
+After :func:`load_model` no code cares where the weights came from: ``model(x_t, t)`` takes schedule indices
+``t`` (rescaling them for improved-diffusion models) and ``model.features(x, t, blocks)`` returns feature taps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ddguide import artifacts
+from ddguide.diffusion import DiffusionConfig, alphas_cumprod
+from ddguide.errors import UserError
+from ddguide.unet import UNetConfig, UNetModel
+
+DEFAULT_MODEL = "shapes32.safetensors"
+
+
+class Model(nn.Module):
+    """An ADM network with its diffusion settings. ``forward(x_t, t, y)`` returns the raw network output."""
+
+    def __init__(self, net: UNetModel, diffusion: DiffusionConfig, *, fingerprint: str = "",
+                 classes: list[str] | None = None, info: dict[str, Any] | None = None):
+        super().__init__()
+        self.net = net
+        self.diffusion = diffusion
+        self.fingerprint = fingerprint
+        self.classes = classes
+        self.info = dict(info or {})
+        self.abar = alphas_cumprod(diffusion)  # float64 (T,), kept on the CPU: not a parameter
+
+    @property
+    def image_size(self) -> int:
+        return self.net.cfg.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x, self.diffusion.model_time(t), y)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, blocks: Iterable[str],
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Feature taps for images ``x`` at schedule indices ``t`` (no noise is added here)."""
+        return self.net.features(x, self.diffusion.model_time(t), blocks, y)
+
+    def config(self) -> dict[str, Any]:
+        return {"unet": self.net.cfg.to_dict(), "diffusion": self.diffusion.to_dict(), "classes": self.classes,
+                **self.info}
+
+
+def save_model(path: str | os.PathLike, model: Model, *, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Write a ``model`` artifact (weights as float32 unless given otherwise); returns its fingerprint."""
+    sd = state_dict if state_dict is not None else model.net.state_dict()
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    fp = artifacts.fingerprint(sd)
+    artifacts.save(path, sd, kind="model", config=model.config(), fingerprint=fp)
+    model.fingerprint = fp
+    return fp
+
+
+def default_model_path() -> Path:
+    """The unconditional model shipped inside the package."""
+    return Path(str(resources.files("ddguide") / "assets" / DEFAULT_MODEL))
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Model:
+    """Load a ``model`` artifact (None = the shipped default) in eval mode on ``device``."""
+    path = Path(path) if path is not None else default_model_path()
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        raise UserError(f"{path}: a PyTorch checkpoint; convert it first with `ddguide convert {path} --out "
+                        f"{path.with_suffix('.safetensors').name}`")
+    art = artifacts.load(path, "model")
+    return model_from_artifact(art).to(device).eval()
+
+
+def model_from_artifact(art: artifacts.Artifact) -> Model:
+    cfg = dict(art.config)
+    net = UNetModel(UNetConfig.from_dict(cfg.pop("unet")))
+    diffusion = DiffusionConfig.from_dict(cfg.pop("diffusion"))
+    classes = cfg.pop("classes", None)
+    missing, unexpected = net.load_state_dict(art.tensors, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{art.path}: weights do not fit the architecture in its own config "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    return Model(net, diffusion, fingerprint=art.fingerprint, classes=classes, info=cfg)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """bf16 autocast on request (fp16 is refused on the CPU, where ADM's derivatives fail in half precision)."""
+    if precision == "fp32":
+        yield
+        return
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise UserError("--precision fp16 needs CUDA; on the CPU use fp32 or bf16")
+        with torch.autocast("cuda", dtype=torch.float16):
+            yield
+        return
+    raise UserError(f"unknown precision {precision!r} (fp32, bf16, fp16)")

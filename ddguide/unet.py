@@ -1,0 +1,416 @@
+"""The ADM U-Net (Dhariwal & Nichol 2021; Nichol & Dhariwal 2021) with feature taps.
+
+Parameter names and shapes are identical to openai guided-diffusion's ``UNetModel`` (and improved-diffusion's,
+which is the same layout with fewer options), so published checkpoints load as they are. Details that change
+the computation without changing any key are reproduced too: the timestep embedding puts cos before sin,
+GroupNorm runs in float32, scale-shift is ``norm(h) * (1 + scale) + shift``, and attention splits ``qkv``
+into heads before (legacy) or after (new order) splitting it into q, k, v.
+
+Feature taps name blocks ``in.<i>`` (``input_blocks[i]``), ``mid`` (``middle_block``) and ``out.<i>``
+(``output_blocks[i]``); :meth:`UNetModel.features` stops after the deepest requested block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddguide.diffusion import DiffusionConfig
+from ddguide.errors import UserError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture options, in guided-diffusion's vocabulary (``attention_resolutions`` as downsampling rates
+    are derived from the flag's resolutions and ``image_size``)."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    model_channels: int = 64
+    out_channels: int = 3
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)  # feature-map sides that get self-attention
+    dropout: float = 0.0
+    channel_mult: tuple[float, ...] = (1, 2, 2)
+    num_classes: int | None = None
+    num_heads: int = 4
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    norm_groups: int = 32  # published models use 32; tiny test models use fewer
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown U-Net options: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for key in ("attention_resolutions", "channel_mult"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.out_channels == 2 * self.in_channels
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cos half first as in ADM. (N,) -> (N, dim)"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (ADM's ``normalization``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).type(x.dtype)
+
+
+class EmbedSequential(nn.Sequential):
+    """A sequence whose residual blocks also receive the timestep embedding (ADM's TimestepEmbedSequential)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.use_conv = use_conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        # the key is `op` in both cases: a strided conv or a parameter-free average pool
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding; optionally resamples (resblock_updown)."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int,
+                 use_scale_shift_norm: bool, groups: int, up: bool = False, down: bool = False):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:  # resample between the norm/activation and the conv, for both paths
+            h = self.in_layers[:-1](x)
+            h, x = self.h_upd(h), self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (N, C or 2C, 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention. ``legacy`` order splits heads first, then q/k/v (improved-diffusion and most
+    guided-diffusion models); the new order splits q/k/v first (guided-diffusion's 64x64 model)."""
+
+    def __init__(self, channels: int, num_heads: int, num_head_channels: int, new_order: bool, groups: int):
+        super().__init__()
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        if channels % self.num_heads:
+            raise UserError(f"attention: {channels} channels do not split into {self.num_heads} heads")
+        self.norm = GroupNorm32(groups, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        self.new_order = new_order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, *spatial = x.shape
+        x = x.reshape(n, c, -1)  # (N, C, L)
+        qkv = self.qkv(self.norm(x))  # (N, 3C, L)
+        length, heads, ch = x.shape[-1], self.num_heads, c // self.num_heads
+        if self.new_order:
+            q, k, v = (t.reshape(n * heads, ch, length) for t in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(n * heads, 3 * ch, length).split(ch, dim=1)
+        # softmax(q^T k / sqrt(ch)) v, heads as batch: (N*H, L, ch)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = a.transpose(1, 2).reshape(n, c, length)
+        return (x + self.proj_out(h)).reshape(n, c, *spatial)
+
+
+# --------------------------------------------------------------------------------------------- the network
+
+
+class UNetModel(nn.Module):
+    """ADM U-Net: ``forward(x, t, y)`` returns the raw output (eps, plus variance channels if learn_sigma)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, g = cfg.model_channels, cfg.norm_groups
+        emb_dim = 4 * mc
+        attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions}
+        heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
+
+        def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, cfg.dropout, ch_out, cfg.use_scale_shift_norm, g, **kw)
+
+        def attn(ch: int, heads: int) -> AttentionBlock:
+            return AttentionBlock(ch, heads, cfg.num_head_channels, cfg.use_new_attention_order, g)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+
+        ch = int(cfg.channel_mult[0] * mc)
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_chans, ds = [ch], 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, int(mult * mc))]
+                ch = int(mult * mc)
+                if ds in attn_ds:
+                    layers.append(attn(ch, cfg.num_heads))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, use_conv=True)
+                self.input_blocks.append(EmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = EmbedSequential(res(ch, ch), attn(ch, cfg.num_heads), res(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(mc * mult))]
+                ch = int(mc * mult)
+                if ds in attn_ds:
+                    layers.append(attn(ch, heads_up))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, use_conv=True))
+                    ds //= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self._block_channels = self._trace_block_channels()
+
+    # -- block vocabulary ------------------------------------------------------------------------------------
+
+    def block_names(self) -> list[str]:
+        """All tappable blocks in execution order."""
+        return ([f"in.{i}" for i in range(len(self.input_blocks))] + ["mid"]
+                + [f"out.{i}" for i in range(len(self.output_blocks))])
+
+    def block_channels(self, name: str) -> int:
+        """Channels of a tapped block's output."""
+        self._check_blocks([name])
+        return self._block_channels[name]
+
+    def block_downsampling(self, name: str) -> int:
+        """How many times smaller than the image a block's output is."""
+        self._check_blocks([name])
+        return self._block_ds[name]
+
+    def _check_blocks(self, blocks: Iterable[str]) -> None:
+        valid = self.block_names()
+        for b in blocks:
+            if b not in valid:
+                raise UserError(f"unknown block {b!r}; this model has in.0..in.{len(self.input_blocks) - 1}, "
+                                f"mid, out.0..out.{len(self.output_blocks) - 1}")
+
+    def _trace_block_channels(self) -> dict[str, int]:
+        """Channels (returned) and downsampling (kept in ``_block_ds``) of every block's output, following the
+        constructor's arithmetic."""
+        cfg, ds = self.cfg, 1
+        names = iter(self.block_names())
+        chans: dict[str, int] = {}
+        self._block_ds: dict[str, int] = {}
+
+        def record(ch: int) -> None:
+            name = next(names)
+            chans[name], self._block_ds[name] = ch, ds
+
+        ch = int(cfg.channel_mult[0] * cfg.model_channels)
+        record(ch)  # in.0: the stem conv
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                ch = int(mult * cfg.model_channels)
+                record(ch)
+            if level != len(cfg.channel_mult) - 1:
+                ds *= 2
+                record(ch)
+        record(ch)  # mid
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                ch = int(mult * cfg.model_channels)
+                if level and i == cfg.num_res_blocks:
+                    ds //= 2
+                record(ch)
+        return chans
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Timestep (+ class) embedding. ``t`` is the model's own time input (already rescaled if needed)."""
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        if y is not None:
+            if self.cfg.num_classes is None:
+                raise UserError("class labels given to an unconditional model")
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, y)  # (N, 4*mc)
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))  # (N, out_channels, H, W)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, blocks: Iterable[str],
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Outputs of the named blocks for input ``x`` at model time ``t``, stopping after the deepest one."""
+        wanted = list(dict.fromkeys(blocks))
+        self._check_blocks(wanted)
+        order = self.block_names()
+        last = max(order.index(b) for b in wanted)
+        emb = self.embed(t, y)
+        taps: dict[str, torch.Tensor] = {}
+        hs = []
+        h = x
+        for name in order[: last + 1]:
+            kind, _, idx = name.partition(".")
+            if kind == "in":
+                h = self.input_blocks[int(idx)](h, emb)
+                hs.append(h)
+            elif kind == "mid":
+                h = self.middle_block(h, emb)
+            else:
+                h = self.output_blocks[int(idx)](torch.cat([h, hs.pop()], dim=1), emb)
+            if name in wanted:
+                taps[name] = h
+        return {b: taps[b] for b in wanted}
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+# Channel multipliers guided-/improved-diffusion pick from the image size when none is given.
+DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
+                        64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named architecture together with the diffusion it was trained with (sampling needs both)."""
+
+    unet: UNetConfig
+    diffusion: DiffusionConfig
+    source: str
+
+
+def _adm(size: int, channels: int, res_blocks: int, attn: tuple[int, ...], *, learn_sigma: bool = True,
+         classes: int | None = None, heads: int = 4, head_channels: int = -1, scale_shift: bool = True,
+         updown: bool = False, new_order: bool = False, dropout: float = 0.0) -> UNetConfig:
+    return UNetConfig(image_size=size, model_channels=channels, out_channels=6 if learn_sigma else 3,
+                      num_res_blocks=res_blocks, attention_resolutions=attn, dropout=dropout,
+                      channel_mult=DEFAULT_CHANNEL_MULT[size], num_classes=classes, num_heads=heads,
+                      num_head_channels=head_channels, use_scale_shift_norm=scale_shift, resblock_updown=updown,
+                      use_new_attention_order=new_order)
+
+
+def _presets() -> dict[str, Preset]:
+    # improved-diffusion rescales its time input to [0, 1000); its ImageNet-64 and CIFAR-10 models use
+    # 4000 cosine steps. guided-diffusion feeds the raw index and (except 64x64) a 1000-step linear schedule.
+    cos4000 = DiffusionConfig(steps=4000, schedule="cosine", rescale_timesteps=True)
+    lin1000_rescaled = DiffusionConfig(steps=1000, schedule="linear", rescale_timesteps=True)
+    lin1000 = DiffusionConfig(steps=1000, schedule="linear")
+    cos1000 = DiffusionConfig(steps=1000, schedule="cosine")
+    gd = "openai guided-diffusion"
+    ddpm_seg = "ddpm-segmentation (guided-diffusion layout, P2-weighting FFHQ model)"
+    lsun_like = _adm(256, 256, 2, (32, 16, 8), head_channels=64, updown=True, dropout=0.1)
+    tiny = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(8,), num_heads=2, norm_groups=4)
+    return {
+        "imagenet64_uncond_100M_1500K": Preset(_adm(64, 128, 3, (16, 8)), cos4000, "openai improved-diffusion"),
+        "cifar10_uncond_50M_500K": Preset(_adm(32, 128, 3, (16, 8), dropout=0.3), cos4000,
+                                          "openai improved-diffusion"),
+        "lsun_uncond_100M_1200K_bs128": Preset(_adm(256, 128, 2, (16,), heads=1, scale_shift=False),
+                                               lin1000_rescaled, "openai improved-diffusion"),
+        "64x64_diffusion": Preset(_adm(64, 192, 3, (32, 16, 8), classes=1000, head_channels=64, updown=True,
+                                       new_order=True, dropout=0.1), cos1000, gd),
+        "128x128_diffusion": Preset(_adm(128, 256, 2, (32, 16, 8), classes=1000, updown=True), lin1000, gd),
+        "256x256_diffusion": Preset(_adm(256, 256, 2, (32, 16, 8), classes=1000, head_channels=64, updown=True),
+                                    lin1000, gd),
+        "256x256_diffusion_uncond": Preset(_adm(256, 256, 2, (32, 16, 8), head_channels=64, updown=True),
+                                           lin1000, gd),
+        "lsun_bedroom": Preset(lsun_like, lin1000, gd),
+        "lsun_cat": Preset(lsun_like, lin1000, gd),
+        "lsun_horse": Preset(lsun_like, lin1000, gd),
+        "ffhq": Preset(lsun_like, lin1000, ddpm_seg),
+        # small models trained on a CPU with `ddguide train`
+        "shapes32": Preset(UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                                      attention_resolutions=(8,), num_heads=4, norm_groups=8),
+                           DiffusionConfig(steps=1000, schedule="cosine"), "ddguide train"),
+        "tiny": Preset(tiny, DiffusionConfig(steps=1000, schedule="linear"), "ddguide tests"),
+    }
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
