@@ -59,7 +59,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) or (H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
     if images.ndim == 3:
         images = images[None]
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float()
     return x / 127.5 - 1.0
 
 

@@ -1,0 +1,285 @@
+"""The `ddguide` command line: parse options, call a stage, render progress. No tensor maths here.
+
+Library code raises :class:`UserError` for anything the user can fix; :func:`handle_errors` turns it into one
+red line on stderr and exit code 2. Other failures exit with code 1 (and a traceback only with DDGUIDE_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ddguide.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Conditional generation from unconditional diffusion models using denoiser representations.")
+data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets.")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out_console = Console()
+
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 autocast (about 2x faster on CPUs with bf16).")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="Model artifact (default: the model shipped with ddguide).")]
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors -> one line + exit 2; interrupted -> exit 130; unexpected -> one line + exit 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line
+            if os.environ.get("DDGUIDE_DEBUG"):
+                raise
+            console.print(f"[red]failed:[/red] {e.__class__.__name__}: {e} (set DDGUIDE_DEBUG=1 for a traceback)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def progress_bar(description: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def refuse_existing(path: Path, what: str = "output") -> None:
+    if path.exists() and path.is_dir() and any(path.iterdir()):
+        raise UserError(f"{path}: {what} folder exists and is not empty")
+
+
+# ----------------------------------------------------------------------------------------------- convert
+
+
+@app.command()
+@handle_errors
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="openai improved-/guided-diffusion .pt, or .safetensors.")],
+    out: Annotated[Path, typer.Option(help="Model artifact to write (.safetensors).")],
+    preset: Annotated[Optional[str], typer.Option(help="Architecture preset (default: from the file name).")] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        help='Architecture options as JSON for checkpoints matching no preset, e.g. '
+             '\'{"image_size": 64, "model_channels": 128, "num_res_blocks": 3}\'.')] = None,
+    diffusion: Annotated[Optional[str], typer.Option(
+        help='Diffusion settings as JSON, e.g. \'{"steps": 4000, "schedule": "cosine", '
+             '"rescale_timesteps": true}\'.')] = None,
+) -> None:
+    """Convert a published checkpoint into a ddguide model artifact."""
+    from ddguide.convert import ConvertConfig, convert as run
+
+    model = run(ConvertConfig(str(checkpoint), str(out), preset, _json_opt(arch, "--arch"),
+                              _json_opt(diffusion, "--diffusion")))
+    n = sum(p.numel() for p in model.net.parameters())
+    out_console.print(f"wrote {out} ({n / 1e6:.1f}M parameters, fingerprint {model.fingerprint})")
+
+
+def _json_opt(text: str | None, name: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{name}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{name}: expected a JSON object")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- sample
+
+
+@app.command()
+@handle_errors
+def sample(
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs, index.csv and grid.png.")],
+    model: ModelOpt = None,
+    n: Annotated[int, typer.Option(help="Number of images.")] = 16,
+    steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
+    sampler: Annotated[str, typer.Option(help="ddim or ddpm (ancestral).")] = "ddim",
+    eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like noise.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Image k uses seed + k.")] = 0,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+) -> None:
+    """Sample images from a model."""
+    from ddguide.generate import SampleConfig, generate
+
+    cfg = SampleConfig(out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler,
+                       eta=eta, seed=seed, batch=batch, device=device, precision=precision)
+    cfg.validate()
+    with progress_bar("sampling") as bar:
+        task = bar.add_task("sampling", total=n * steps, info="")
+        folder = generate(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    out_console.print(f"wrote {n} images, index.csv and grid.png to {folder}")
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+@handle_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Image folder (flat or class sub-folders).")],
+    out: Annotated[Path, typer.Option(help="Model artifact to write; a checkpoint is kept beside it.")],
+    preset: Annotated[str, typer.Option(help="Architecture preset.")] = "shapes32",
+    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 20000,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights that are shipped.")] = 0.999,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
+    schedule: Annotated[Optional[str], typer.Option(help="linear or cosine (default: the preset's).")] = None,
+    precision: PrecisionOpt = "bf16",
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, batches and noise.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
+    resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train an unconditional diffusion model; rerun the same command to resume after a stop."""
+    from ddguide.train import TrainConfig, train as run
+
+    cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
+                      grad_clip=grad_clip, schedule=schedule, precision=precision, seed=seed,
+                      checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads)
+    with progress_bar("training") as bar:
+        task = bar.add_task("training", total=steps, info="")
+
+        def report(p: dict[str, Any]) -> None:
+            bar.update(task, completed=p["step"], info=f"loss {p['loss']:.4f}  {p['images_per_s']:.0f} img/s")
+
+        path = run(cfg, progress=report)
+    out_console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("shapes")
+@handle_errors
+def data_shapes(
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
+    n: Annotated[int, typer.Option(help="Number of images.")] = 1000,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed; the same arguments give byte-identical files.")] = 0,
+    split: Annotated[str, typer.Option(help="train, val or test (each split draws different images).")] = "train",
+) -> None:
+    """Write the built-in procedural shapes dataset (images, classes, attributes, masks)."""
+    from ddguide.shapes import ShapesConfig, generate
+
+    refuse_existing(out)
+    with progress_bar("generating") as bar:
+        task = bar.add_task("generating", total=n, info="")
+        generate(out, ShapesConfig(n=n, size=size, seed=seed, split=split),
+                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    out_console.print(f"wrote {n} images to {out}")
+
+
+# ----------------------------------------------------------------------------------------------- info
+
+
+@app.command()
+@handle_errors
+def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) -> None:
+    """Say what an artifact is and where it came from."""
+    from ddguide import artifacts
+
+    meta = artifacts.read_metadata(file)
+    if "ddguide.kind" not in meta:
+        raise UserError(f"{file}: a safetensors file but not a ddguide artifact")
+    table = Table(show_header=False, box=None)
+    table.add_row("file", str(file))
+    for key in ("kind", "schema", "version", "fingerprint"):
+        table.add_row(key, meta.get(f"ddguide.{key}", ""))
+    for key, value in sorted(meta.items()):
+        if key.startswith("ddguide.") and key[8:] not in ("kind", "schema", "version", "fingerprint", "config"):
+            table.add_row(key[8:], value)
+    out_console.print(table)
+    config = json.loads(meta.get("ddguide.config", "{}"))
+    out_console.print_json(json.dumps(config))
+
+
+# --- fid ---
+
+
+@app.command("fid")
+@handle_errors
+def fid_command(
+    a: Annotated[Path, typer.Argument(help="Image folder, samples folder (with index.csv), index.csv, "
+                                           "fid-stats .safetensors or pytorch-fid .npz.")],
+    b: Annotated[Optional[Path], typer.Argument(help="The set to compare A with (same kinds as A); "
+                                                     "may be left out with --save-stats.")] = None,
+    features: Annotated[str, typer.Option(
+        help="inception (the standard FID; needs pytorch-fid's Inception weights), denoiser (mid-block features "
+             "of --model at --timestep; offline, comparable only with itself) or auto (inception when its "
+             "weights are found).")] = "auto",
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        help="pt_inception-2015-12-05-6726825d.pth or .safetensors (default: $DDGUIDE_INCEPTION_WEIGHTS, then "
+             "$TORCH_HOME/hub/checkpoints/ where pytorch-fid keeps it).")] = None,
+    model: ModelOpt = None,
+    timestep: Annotated[int, typer.Option(help="Feature timestep T_f of denoiser features.")] = 100,
+    save_stats: Annotated[Optional[Path], typer.Option(
+        help="Write A's statistics to this fid-stats .safetensors, to pass later instead of A.")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 50,
+    resize: Annotated[str, typer.Option(
+        help="Denoiser features need the model's image size: refuse, resize or center-crop other sizes.")] = "refuse",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fréchet distance between two image sets (pytorch-fid compatible with inception features)."""
+    import contextlib
+
+    from ddguide.fid import FidConfig, run_fid
+
+    cfg = FidConfig(a=str(a), b=str(b) if b is not None else None, features=features,
+                    inception_weights=str(inception_weights) if inception_weights else None,
+                    model=str(model) if model else None, timestep=timestep, batch=batch, device=device,
+                    save_stats=str(save_stats) if save_stats else None, resize=resize)
+    with contextlib.ExitStack() as stack:
+        bars: list[Progress] = []  # opened at the first image batch: stats-only runs and early errors show none
+        tasks: dict[str, Any] = {}
+
+        def report(label: str, done: int, total: int) -> None:
+            if not bars:
+                bars.append(stack.enter_context(progress_bar("features")))
+            if label not in tasks:
+                tasks[label] = bars[0].add_task(label, total=total, info=label)
+            bars[0].update(tasks[label], completed=done)
+
+        result = run_fid(cfg, progress=report)
+    console.print(f"using {result.note}", highlight=False)
+    if result.saved is not None:
+        console.print(f"wrote statistics of {a} ({result.a.n} images) to {result.saved}", highlight=False)
+    if result.fid is not None:
+        sizes = " vs ".join(str(s.n) if s.n else "?" for s in (result.a, result.b))
+        console.print(f"{result.feature_space}, {sizes} images", highlight=False)
+        out_console.print(f"FID {result.fid:.4f}", highlight=False)
+
+
+# --- end fid ---
+
+
+def main() -> None:
+    app(prog_name="ddguide")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

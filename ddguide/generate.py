@@ -1,0 +1,153 @@
+"""`ddguide sample`: images from a model, written as PNGs with an index and a grid.
+
+Image k is drawn with generator ``seed + k`` (see ``sampling.py``), so any batch size or split of the work gives
+the same images. The index (``index.csv``) has one row per image: file, index, seed and whatever the denoiser
+wrapper reports for that image (class, guidance, head probability).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddguide import artifacts
+from ddguide.data import to_uint8
+from ddguide.diffusion import space_timesteps
+from ddguide.errors import UserError
+from ddguide.models import Model, autocast, load_model, resolve_device
+from ddguide.sampling import Denoiser, image_generators, per_image_randn, sample_ddim, sample_ddpm
+
+INDEX = "index.csv"
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class SampleConfig:
+    out: str
+    model: str | None = None
+    n: int = 16
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    batch: int = 16
+    device: str = "auto"
+    precision: str = "fp32"
+    start: int = 0  # first image index (sharding)
+    extra_columns: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.n < 1 or self.batch < 1 or self.steps < 1:
+            raise UserError("--n, --batch and --steps must be >= 1")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"--eta must be in [0, 1], got {self.eta}")
+
+
+def timesteps_for(model: Model, steps: int, sampler: str) -> list[int]:
+    """Kept timesteps: DDIM uses guided-diffusion's integer stride when it fits, else the fractional spacing."""
+    total = model.diffusion.steps
+    if steps > total:
+        raise UserError(f"--steps {steps} exceeds the model's {total} diffusion steps")
+    if sampler == "ddim":
+        try:
+            return space_timesteps(total, f"ddim{steps}")
+        except UserError:
+            pass
+    return space_timesteps(total, str(steps))
+
+
+def draw(model: Model, denoiser: Denoiser, indices: Sequence[int], seed: int, steps: Sequence[int],
+         sampler: str = "ddim", eta: float = 0.0, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Sample the images with the given indices; returns float (N, 3, H, W) in [-1, 1]."""
+    gens = image_generators(seed, indices)
+    size = model.image_size
+    x = per_image_randn((model.net.cfg.in_channels, size, size), gens, model.device)
+    if sampler == "ddim":
+        return sample_ddim(denoiser, x, steps, model.abar, eta=eta, generators=gens, callback=callback)
+    return sample_ddpm(denoiser, x, steps, model.abar, generators=gens, callback=callback)
+
+
+def plain_denoiser(model: Model, device: torch.device, precision: str) -> Denoiser:
+    """The model as a denoiser without gradients, under the requested autocast."""
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(device, precision):
+            return model(x, t).float()
+    return denoise
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    artifacts.atomic_write_bytes(path, buf.getvalue())
+
+
+def write_grid(path: Path, images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2) -> None:
+    """Images (H, W, 3) uint8 tiled row-major on a white background."""
+    n = len(images)
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w = images[0].shape[:2]
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    write_png(path, grid)
+
+
+def write_index(folder: Path, rows: list[dict[str, Any]]) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return artifacts.atomic_write_text(folder / INDEX, buf.getvalue())
+
+
+def read_index(folder: str | Path) -> list[dict[str, str]]:
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise UserError(f"{folder}: no {INDEX} (not a ddguide samples folder)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def generate(cfg: SampleConfig, denoiser_factory: Callable[[Model, torch.device], Denoiser] | None = None,
+             progress: Callable[[int, int], None] | None = None,
+             row_info: Callable[[torch.Tensor, Sequence[int]], list[dict[str, Any]]] | None = None) -> Path:
+    """Sample ``cfg.n`` images into ``cfg.out``. ``denoiser_factory`` wraps the model (guidance, CFG);
+    ``row_info(images, indices)`` adds per-image columns to the index."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device)
+    denoiser = (denoiser_factory(model, device) if denoiser_factory
+                else plain_denoiser(model, device, cfg.precision))
+    steps = timesteps_for(model, cfg.steps, cfg.sampler)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, kept = [], []
+    total = cfg.n * len(steps)
+    for first in range(cfg.start, cfg.start + cfg.n, cfg.batch):
+        indices = list(range(first, min(first + cfg.batch, cfg.start + cfg.n)))
+        done = (first - cfg.start) * len(steps)
+        cb = (lambda i, _k, d=done, b=len(indices): progress(d + i * b, total)) if progress else None
+        x = draw(model, denoiser, indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
+        extra = row_info(x, indices) if row_info else [{} for _ in indices]
+        for k, image, more in zip(indices, to_uint8(x), extra):
+            name = f"{k:06d}.png"
+            write_png(out / name, image)
+            rows.append({"file": name, "index": k, "seed": cfg.seed + k, **cfg.extra_columns, **more})
+            if len(kept) < 64:
+                kept.append(image)
+    write_index(out, rows)
+    write_grid(out / "grid.png", kept)
+    return out

@@ -1,0 +1,194 @@
+"""`ddguide train`: an unconditional epsilon-prediction model from an image folder, resumable after a kill.
+
+Checkpoints (a ``checkpoint`` artifact beside the output) hold the weights, the EMA weights, Adam's state, the
+random generator state and the loss history; rerunning the same command continues from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ddguide import artifacts
+from ddguide.data import list_images, load_image, to_tensor
+from ddguide.diffusion import DiffusionConfig, alphas_cumprod, q_sample
+from ddguide.errors import UserError
+from ddguide.models import Model, autocast, resolve_device, save_model
+from ddguide.unet import UNetModel, get_preset
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "shapes32"
+    steps: int = 20000
+    batch: int = 64
+    lr: float = 2e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    schedule: str | None = None  # None: the preset's schedule
+    precision: str = "bf16"
+    seed: int = 0
+    checkpoint_every: int = 250
+    device: str = "auto"
+    resize: str = "refuse"
+    threads: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The options a checkpoint must agree with to be resumed (not the step count or the device)."""
+        keep = ("data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".ckpt.safetensors")
+
+
+def load_dataset(folder: str, size: int, resize: str) -> torch.Tensor:
+    """All training images as uint8 (N, H, W, 3); training sets here are small (10k images = 30 MB)."""
+    files = list_images(folder)
+    return torch.from_numpy(np.stack([load_image(f, size, resize) for f in files]))
+
+
+@dataclass
+class _State:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
+    """Train (or resume) and write the EMA weights as a ``model`` artifact at ``cfg.out``."""
+    if cfg.steps < 1 or cfg.batch < 1:
+        raise UserError("--steps and --batch must be >= 1")
+    preset = get_preset(cfg.preset)
+    diffusion = DiffusionConfig(preset.diffusion.steps, cfg.schedule or preset.diffusion.schedule,
+                                preset.diffusion.rescale_timesteps)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    images = load_dataset(cfg.data, preset.unet.image_size, cfg.resize)
+
+    # 1. model, EMA copy, optimiser, generator: fresh, or restored from the last checkpoint
+    torch_gen = torch.Generator().manual_seed(cfg.seed)
+    init = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=init)))
+        net = UNetModel(preset.unet)
+    net.to(device)
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    state = _State()
+    ckpt = checkpoint_path(cfg.out)
+    if ckpt.exists():
+        _restore(ckpt, cfg, net, ema, opt, torch_gen, state, device)
+    abar = alphas_cumprod(diffusion).to(device)
+
+    # 2. the loop: uniform t, eps-prediction MSE (Ho et al. L_simple), clipped grads, warm-up, EMA
+    t_last = time.time()
+    while state.step < cfg.steps:
+        idx = torch.randint(0, len(images), (cfg.batch,), generator=torch_gen)
+        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
+        t = torch.randint(0, diffusion.steps, (cfg.batch,), generator=torch_gen).to(device)
+        noise = torch.randn(x0.shape, generator=torch_gen).to(device)
+        x_t = q_sample(x0, t, noise, abar)
+        with autocast(device, cfg.precision):
+            out = net(x_t, diffusion.model_time(t))
+        loss = (out.float()[:, :3] - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(cfg.warmup, 1))
+        opt.step()
+        _ema_update(ema, net, cfg.ema_decay, state.step)
+        state.step += 1
+        state.losses.append(loss.item())
+
+        # 3. report and checkpoint
+        if progress and (state.step % 10 == 0 or state.step == cfg.steps):
+            now = time.time()
+            progress({"step": state.step, "steps": cfg.steps, "loss": float(np.mean(state.losses[-50:])),
+                      "images_per_s": 10 * cfg.batch / max(now - t_last, 1e-9)})
+            t_last = now
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            _save_checkpoint(ckpt, cfg, net, ema, opt, torch_gen, state)
+
+    # 4. the artifact: EMA weights plus the full training config
+    model = Model(UNetModel(preset.unet), diffusion, info={"preset": cfg.preset, "train": asdict(cfg),
+                                                            "trained_steps": state.step})
+    save_model(cfg.out, model, state_dict=ema)
+    write_loss_curve(Path(cfg.out).with_suffix(".loss.png"), state.losses)
+    return Path(cfg.out)
+
+
+def _ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float, step: int) -> None:
+    # a short ramp so the average is not dominated by the random initialisation in short runs
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(d).add_(v, alpha=1 - d)
+            else:
+                ema[k].copy_(v)
+
+
+def _save_checkpoint(path: Path, cfg: TrainConfig, net, ema, opt, gen: torch.Generator, state: _State) -> None:
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    names = [n for n, _ in net.named_parameters()]
+    for i, p in enumerate(net.parameters()):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"adam.{names[i]}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
+    tensors["rng"] = gen.get_state()
+    tensors["losses"] = torch.tensor(state.losses, dtype=torch.float32)
+    meta = {"identity": cfg.identity(), "step": state.step}
+    artifacts.save(path, tensors, kind="checkpoint", config=meta, fingerprint="")
+
+
+def _restore(path: Path, cfg: TrainConfig, net, ema, opt, gen: torch.Generator, state: _State,
+             device: torch.device) -> None:
+    art = artifacts.load(path, "checkpoint")
+    if art.config.get("identity") != cfg.identity():
+        raise UserError(f"{path}: a checkpoint of a different training run "
+                        f"({json.dumps(art.config.get('identity'))}); delete it or choose another --out")
+    t = art.tensors
+    net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    for k in ema:
+        ema[k].copy_(t[f"ema.{k}"])
+    for name, p in net.named_parameters():
+        if f"adam.{name}.step" in t:
+            opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()),
+                            "exp_avg": t[f"adam.{name}.exp_avg"].to(device),
+                            "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].to(device)}
+    gen.set_state(t["rng"])
+    state.step = int(art.config["step"])
+    state.losses = t["losses"].tolist()
+
+
+def write_loss_curve(path: Path, losses: list[float], width: int = 640, height: int = 320) -> None:
+    """A plain loss-vs-step plot (log-scale loss, 50-step moving average) as PNG."""
+    from PIL import Image, ImageDraw
+
+    if len(losses) < 2:
+        return
+    y = np.log10(np.convolve(np.asarray(losses), np.ones(min(50, len(losses))) / min(50, len(losses)), "valid"))
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = float(y.min()), float(y.max()) + 1e-9
+    pts = [(40 + i * (width - 50) / max(len(y) - 1, 1), 10 + (hi - v) * (height - 40) / (hi - lo))
+           for i, v in enumerate(y)]
+    draw.line(pts, fill=(30, 90, 200), width=2)
+    draw.text((45, 12), f"loss (log10, moving avg): {10**hi:.4f} .. {10**lo:.4f}", fill="black")
+    draw.text((45, height - 20), f"steps 0 .. {len(losses)}", fill="black")
+    artifacts.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
