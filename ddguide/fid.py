@@ -1,0 +1,462 @@
+"""Fréchet Inception Distance, pytorch-fid compatible, plus a feature space that needs no download.
+
+FID (Heusel et al. 2017) fits a Gaussian to the features of each image set and measures
+
+    d^2 = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
+
+Two feature spaces:
+
+- ``inception``: pool3 of the TensorFlow FID Inception (:mod:`ddguide.inception`), the standard FID.
+  Numbers are comparable with pytorch-fid and published tables.
+- ``denoiser``: global-average-pooled ``mid``-block features of a ddguide U-Net at feature timestep T_f,
+  computed from the clean image (no noise). Offline, but only comparable with itself, same model and T_f.
+
+Each input is an image folder, a samples folder/``index.csv``, a ``fid-stats`` artifact written by
+:func:`save_stats`, or a pytorch-fid ``.npz`` (``mu``, ``sigma``). Statistics stream over batches with
+constant memory (a running mean and scatter matrix).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from ddguide import artifacts, inception, models
+from ddguide.data import list_images, load_image, to_tensor
+from ddguide.errors import UserError
+
+INCEPTION_SPACE = "inception-v3-pool3"
+DEFAULT_FEATURE_TIMESTEP = 100
+INDEX_FILE = "index.csv"
+Progress = Callable[[str, int, int], None]  # (label, done, total)
+
+
+# --- the distance ---------------------------------------------------------------------------------
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    Follows pytorch-fid's ``calculate_frechet_distance`` step for step (so the numbers agree), but calls
+    ``scipy.linalg.sqrtm`` without the ``disp`` argument that SciPy 1.18 removed: when the square root of
+    the product is not finite, ``eps`` is added to both diagonals and it is tried again; a
+    result with a non-negligible imaginary diagonal is an error, a negligible one is dropped.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # The product is (numerically) singular: regularise both covariances.
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: matrix square root has an imaginary component "
+                             f"{np.max(np.abs(covmean.imag)):.3g}; the statistics are degenerate")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root, quiet about singular input (the caller checks finiteness)."""
+    if a.shape == (1, 1):  # scipy special-cases 1x1; keep the general meaning
+        return np.emath.sqrt(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return linalg.sqrtm(a)
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+@dataclass
+class FidStats:
+    """A Gaussian fitted to ``n`` feature vectors of one image set, and the feature space they live in.
+
+    ``fingerprint`` identifies the network that made the features (Inception weights or ddguide model);
+    ``features`` holds that space's settings (timestep, blocks, ...).
+    """
+
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    n: int
+    feature_space: str
+    fingerprint: str = ""
+    features: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+
+class _Moments:
+    """Running mean and scatter matrix, merged batch by batch (Chan et al.), all in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.scatter: np.ndarray | None = None
+
+    def update(self, feats: np.ndarray) -> None:
+        feats = np.asarray(feats, np.float64)  # (B, D)
+        b = feats.shape[0]
+        if b == 0:
+            return
+        mean_b = feats.mean(0)
+        centred = feats - mean_b
+        scatter_b = centred.T @ centred
+        if self.mean is None:
+            self.n, self.mean, self.scatter = b, mean_b, scatter_b
+            return
+        delta = mean_b - self.mean
+        total = self.n + b
+        self.mean = self.mean + delta * (b / total)
+        self.scatter = self.scatter + scatter_b + np.outer(delta, delta) * (self.n * b / total)
+        self.n = total
+
+    def covariance(self) -> np.ndarray:
+        # Unbiased (ddof=1), as numpy.cov and pytorch-fid.
+        return self.scatter / (self.n - 1)
+
+
+def compute_stats(
+    images: Sequence[str | os.PathLike] | torch.Tensor,
+    extractor: "FeatureExtractor",
+    batch: int = 50,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+    *,
+    size: int | None = None,
+    resize: str = "refuse",
+    label: str = "",
+) -> FidStats:
+    """Feature statistics of image files (or a float tensor (N, 3, H, W) in [-1, 1]), ``batch`` at a time.
+
+    Files are read at their own size unless ``size`` is given (then ``resize`` is the policy of
+    :func:`ddguide.data.load_image`). Memory stays constant in the number of images.
+    """
+    n = len(images)
+    if n < 2:
+        what = label or "input"
+        raise UserError(f"{what}: FID needs at least 2 images to estimate a covariance, got {n}")
+    if batch < 1:
+        raise UserError(f"batch size must be positive, got {batch}")
+    device = torch.device(device) if device is not None else getattr(extractor, "device", torch.device("cpu"))
+    moments = _Moments()
+    starts = list(range(0, n, batch))
+    with ThreadPoolExecutor(max_workers=1) as reader:  # decode the next batch while this one runs
+        pending = reader.submit(_load_batch, images, 0, min(batch, n), size, resize)
+        for start in starts:
+            groups = pending.result()
+            if start + batch < n:
+                pending = reader.submit(_load_batch, images, start + batch, min(start + 2 * batch, n), size, resize)
+            for x in groups:
+                with torch.inference_mode():
+                    feats = extractor(x.to(device))  # (B, D)
+                moments.update(feats.detach().to("cpu", torch.float64).numpy())
+            if progress is not None:
+                progress(label, min(start + batch, n), n)
+    return FidStats(mu=moments.mean, sigma=moments.covariance(), n=moments.n, feature_space=extractor.name,
+                    fingerprint=extractor.fingerprint, features=dict(extractor.config),
+                    source=label)
+
+
+def _load_batch(images, start: int, stop: int, size: int | None, resize: str) -> list[torch.Tensor]:
+    """One batch as float tensors in [-1, 1]; images of different sizes come back as separate groups."""
+    if isinstance(images, torch.Tensor):
+        return [images[start:stop].float()]
+    arrays = [load_image(p, size, resize) for p in images[start:stop]]
+    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for a in arrays:
+        groups.setdefault(a.shape, []).append(a)
+    return [to_tensor(np.stack(group)) for group in groups.values()]
+
+
+def save_stats(path: str | os.PathLike, stats: FidStats) -> Path:
+    """Write ``stats`` as a ``fid-stats`` artifact (float64 mu and sigma; config names the feature space)."""
+    config = {"feature_space": stats.feature_space, "dim": stats.dim, "n": stats.n,
+              "features": stats.features, "source": stats.source}
+    tensors = {"mu": torch.from_numpy(np.ascontiguousarray(stats.mu, np.float64)),
+               "sigma": torch.from_numpy(np.ascontiguousarray(stats.sigma, np.float64))}
+    return artifacts.save(path, tensors, kind="fid-stats", config=config, fingerprint=stats.fingerprint)
+
+
+def load_stats(path: str | os.PathLike) -> FidStats:
+    """Read statistics from a ``fid-stats`` artifact or a pytorch-fid ``.npz`` (Inception pool3)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return _load_npz(path)
+    art = artifacts.load(path, "fid-stats")
+    cfg = art.config
+    try:
+        mu, sigma = art.tensors["mu"].double().numpy(), art.tensors["sigma"].double().numpy()
+    except KeyError as e:
+        raise UserError(f"{path}: fid-stats artifact without {e.args[0]!r}") from None
+    stats = FidStats(mu=mu, sigma=sigma, n=int(cfg.get("n", 0)), feature_space=str(cfg.get("feature_space", "")),
+                     fingerprint=art.fingerprint, features=dict(cfg.get("features", {})), source=str(path))
+    _check_shapes(stats, path)
+    return stats
+
+
+def _load_npz(path: Path) -> FidStats:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a pytorch-fid statistics file with 'mu' and 'sigma' ({e})") from None
+    stats = FidStats(mu=mu, sigma=sigma, n=0, feature_space=INCEPTION_SPACE if mu.shape == (2048,) else "",
+                     source=str(path))
+    if not stats.feature_space:
+        raise UserError(f"{path}: pytorch-fid statistics of dimension {mu.shape}; only 2048-d pool3 is supported")
+    _check_shapes(stats, path)
+    return stats
+
+
+def _check_shapes(stats: FidStats, path: Path) -> None:
+    d = stats.mu.shape
+    if stats.mu.ndim != 1 or stats.sigma.shape != d * 2:
+        raise UserError(f"{path}: inconsistent statistics (mu {d}, sigma {stats.sigma.shape})")
+
+
+def check_comparable(a: FidStats, b: FidStats) -> None:
+    """Refuse to compare statistics from different feature spaces (or different feature networks)."""
+    if a.feature_space != b.feature_space or a.dim != b.dim:
+        raise UserError(f"cannot compare {a.source or 'A'} ({a.feature_space}, {a.dim}-d) with "
+                        f"{b.source or 'B'} ({b.feature_space}, {b.dim}-d): different feature spaces")
+    if a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint:
+        raise UserError(f"cannot compare {a.source or 'A'} with {b.source or 'B'}: features from different "
+                        f"networks ({a.fingerprint} vs {b.fingerprint})")
+
+
+# --- feature extractors ---------------------------------------------------------------------------
+
+class FeatureExtractor:
+    """What :func:`compute_stats` needs: ``name``, ``dim``, ``fingerprint``, ``config``, ``input_size`` and
+    ``__call__(x)`` mapping images (N, 3, H, W) in [-1, 1] to features (N, dim)."""
+
+    name: str
+    dim: int
+    fingerprint: str = ""
+    config: dict[str, Any] = {}
+    input_size: int | None = None  # images must have this side (None: any size)
+    device: torch.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class InceptionFeatures(FeatureExtractor):
+    """pool3 of the FID Inception: the standard FID feature space."""
+
+    name = INCEPTION_SPACE
+    dim = 2048
+
+    def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 network: torch.nn.Module | None = None) -> None:
+        """Weights from ``weights_path`` (None: searched as :func:`ddguide.inception.find_weights` does), or an
+        already built ``network``."""
+        self.device = torch.device(device)
+        if network is None:
+            network = inception.load_inception(inception.require_weights(weights_path), self.device)
+        self.net = network.to(self.device).eval()
+        # BatchNorm's step counters (0-dim, unused in eval) are left out of the network's identity.
+        self.fingerprint = artifacts.fingerprint({k: v for k, v in self.net.state_dict().items()
+                                                  if v.is_floating_point()})
+        self.config = {"network": "inception-v3 (TF 2015-12-05, pytorch-fid weights)", "layer": "pool3",
+                       "resize": "bilinear 299x299"}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float())  # (N, 2048)
+
+
+class DenoiserFeatures(FeatureExtractor):
+    """Denoiser representations (Graikos et al.): the ``mid`` block of a ddguide model at feature timestep T_f,
+    applied to the clean image (no noise), averaged over space.
+
+    ``model`` is a :class:`ddguide.models.Model` or anything with ``features(x, t, blocks) -> {name: (N, C, h, w)}``
+    taking schedule indices ``t``.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", *,
+                 timestep: int = DEFAULT_FEATURE_TIMESTEP, fingerprint: str | None = None,
+                 image_size: int | None = None, block: str = "mid") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.timestep, self.block = int(timestep), block
+        self.input_size = image_size or getattr(model, "image_size", None)
+        self.fingerprint = fingerprint if fingerprint is not None else getattr(model, "fingerprint", "")
+        self.name = f"denoiser-{block}-t{self.timestep}"
+        self.config = {"block": block, "timestep": self.timestep, "noise": "none", "pool": "spatial mean"}
+        self.dim = self._probe_dim()
+
+    def _probe_dim(self) -> int:
+        net = getattr(self.model, "net", None)
+        if hasattr(net, "block_channels"):
+            return int(net.block_channels(self.block))
+        side = self.input_size or 32
+        with torch.inference_mode():
+            return int(self(torch.zeros(1, 3, side, side, device=self.device)).shape[1])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)  # T_f for every image
+        h = self.model.features(x, t, blocks=[self.block])[self.block]  # (N, C, h, w)
+        return h.float().mean(dim=(2, 3))  # (N, C)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """One side of the comparison: image files, or precomputed statistics."""
+
+    label: str
+    files: list[Path] | None = None
+    stats: FidStats | None = None
+
+
+def resolve_source(path: str | os.PathLike) -> Source:
+    """An image folder, a samples folder (with ``index.csv``), an ``index.csv``, or a statistics file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or folder")
+    if p.is_dir():
+        index = p / INDEX_FILE
+        files = read_index(index) if index.is_file() else list_images(p)
+        return Source(str(p), files=files)
+    if p.suffix.lower() == ".csv":
+        return Source(str(p), files=read_index(p))
+    if p.suffix.lower() in (".safetensors", ".npz"):
+        return Source(str(p), stats=load_stats(p))
+    raise UserError(f"{p}: expected an image folder, a samples index.csv, a fid-stats .safetensors "
+                    "or a pytorch-fid .npz")
+
+
+def read_index(index: Path) -> list[Path]:
+    """The images a sample index lists (its ``file`` column, relative to the index's folder)."""
+    try:
+        with open(index, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "file" not in reader.fieldnames:
+                raise UserError(f"{index}: sample index without a 'file' column")
+            files = [index.parent / row["file"] for row in reader if row.get("file")]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{index}: unreadable sample index ({e.__class__.__name__})") from None
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{index}: lists {len(missing)} missing file(s), e.g. {missing[0]}")
+    if not files:
+        raise UserError(f"{index}: lists no images")
+    return files
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+@dataclass
+class FidConfig:
+    """``ddguide fid A [B]``: the FID between A and B, and/or A's statistics saved for reuse."""
+
+    a: str
+    b: str | None = None
+    features: str = "auto"  # inception | denoiser | auto (inception when its weights are found)
+    inception_weights: str | None = None
+    model: str | None = None  # ddguide model for denoiser features (None: the shipped default)
+    timestep: int = DEFAULT_FEATURE_TIMESTEP  # T_f for denoiser features
+    batch: int = 50
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    save_stats: str | None = None  # write A's statistics here
+    size: int | None = None  # resize images to this side (None: inception reads any size, denoiser needs its own)
+    resize: str = "refuse"  # refuse | resize | center-crop, when an image's size differs from the required one
+
+
+@dataclass
+class FidResult:
+    fid: float | None
+    a: FidStats
+    b: FidStats | None
+    feature_space: str
+    note: str  # which features were used and why
+    saved: Path | None = None
+
+
+def run_fid(cfg: FidConfig, progress: Progress | None = None) -> FidResult:
+    """Resolve both inputs, build the feature extractor only if some input is images, compute and compare."""
+    if cfg.features not in ("inception", "denoiser", "auto"):
+        raise UserError(f"unknown feature space {cfg.features!r} (inception, denoiser, auto)")
+    if cfg.b is None and cfg.save_stats is None:
+        raise UserError("give a second input B to compare with, or --save-stats PATH to save A's statistics")
+    sources = [resolve_source(cfg.a)] + ([resolve_source(cfg.b)] if cfg.b is not None else [])
+    for s in sources:
+        if s.files is not None and len(s.files) < 2:
+            raise UserError(f"{s.label}: FID needs at least 2 images to estimate a covariance, got {len(s.files)}")
+    given = [s.stats for s in sources if s.stats is not None]
+    kind, note = _choose_features(cfg, given)
+    if kind == "denoiser" and given and "timestep" in given[0].features:
+        # Images compared with saved denoiser statistics must use the same T_f.
+        cfg = replace(cfg, timestep=int(given[0].features["timestep"]))
+    extractor = None
+    if any(s.files is not None for s in sources):
+        extractor = _build_extractor(kind, cfg)
+    stats = []
+    for s in sources:
+        if s.stats is not None:
+            stats.append(s.stats)
+            continue
+        size = cfg.size or extractor.input_size
+        stats.append(compute_stats(s.files, extractor, cfg.batch, progress=progress, size=size,
+                                   resize=cfg.resize, label=s.label))
+    for s in stats[1:]:
+        check_comparable(stats[0], s)
+    saved = save_stats(cfg.save_stats, stats[0]) if cfg.save_stats else None
+    fid = None
+    if len(stats) == 2:
+        try:
+            fid = frechet_distance(stats[0].mu, stats[0].sigma, stats[1].mu, stats[1].sigma)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return FidResult(fid=fid, a=stats[0], b=stats[1] if len(stats) == 2 else None,
+                     feature_space=stats[0].feature_space, note=note, saved=saved)
+
+
+def _choose_features(cfg: FidConfig, given: list[FidStats]) -> tuple[str, str]:
+    """Which feature space to use, and a sentence saying why."""
+    for s in given:
+        family = "inception" if s.feature_space == INCEPTION_SPACE else "denoiser"
+        if cfg.features not in ("auto", family):
+            raise UserError(f"{s.source} holds {s.feature_space} statistics, but --features {cfg.features} "
+                            "was asked for; FIDs from different feature spaces are not comparable")
+    if cfg.features != "auto":
+        return cfg.features, f"{cfg.features} features (as requested)"
+    if given:
+        kind = "inception" if given[0].feature_space == INCEPTION_SPACE else "denoiser"
+        return kind, f"{kind} features (those of the statistics in {given[0].source})"
+    weights = inception.find_weights(cfg.inception_weights)
+    if weights is not None:
+        return "inception", f"inception features (weights {weights})"
+    return "denoiser", (f"denoiser features, comparable only with FIDs of the same model and timestep: no Inception "
+                        f"weights found (for the standard FID put {inception.WEIGHTS_FILE} in "
+                        f"{inception.hub_weights_path().parent})")
+
+
+def _build_extractor(kind: str, cfg: FidConfig) -> FeatureExtractor:
+    device = models.resolve_device(cfg.device)
+    if kind == "inception":
+        return InceptionFeatures(cfg.inception_weights, device)
+    return _denoiser_extractor(cfg, device)
+
+
+def _denoiser_extractor(cfg: FidConfig, device: torch.device) -> DenoiserFeatures:
+    return DenoiserFeatures(models.load_model(cfg.model, device), device, timestep=cfg.timestep)
