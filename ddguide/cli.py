@@ -56,10 +56,30 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def progress_bar(description: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+class progress_bar:
+    """A rich progress bar that appears on the first update, so errors raised while a stage is still
+    checking its inputs are not preceded by an empty bar. Use as a context manager; call ``update``."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar: Progress | None = None
+        self.task = None
+
+    def update(self, done: int, total: int, info: str = "") -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn(f"[bold]{self.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=console)
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=total, info="")
+        self.bar.update(self.task, completed=done, total=total, info=info)
+
+    def __enter__(self) -> "progress_bar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def refuse_existing(path: Path, what: str = "output") -> None:
@@ -128,8 +148,7 @@ def sample(
                        eta=eta, seed=seed, batch=batch, device=device, precision=precision)
     cfg.validate()
     with progress_bar("sampling") as bar:
-        task = bar.add_task("sampling", total=n * steps, info="")
-        folder = generate(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        folder = generate(cfg, progress=bar.update)
     out_console.print(f"wrote {n} images, index.csv and grid.png to {folder}")
 
 
@@ -162,10 +181,9 @@ def train(
                       grad_clip=grad_clip, schedule=schedule, precision=precision, seed=seed,
                       checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads)
     with progress_bar("training") as bar:
-        task = bar.add_task("training", total=steps, info="")
 
         def report(p: dict[str, Any]) -> None:
-            bar.update(task, completed=p["step"], info=f"loss {p['loss']:.4f}  {p['images_per_s']:.0f} img/s")
+            bar.update(p["step"], p["steps"], f"loss {p['loss']:.4f}  {p['images_per_s']:.0f} img/s")
 
         path = run(cfg, progress=report)
     out_console.print(f"wrote {path}")
@@ -188,9 +206,7 @@ def data_shapes(
 
     refuse_existing(out)
     with progress_bar("generating") as bar:
-        task = bar.add_task("generating", total=n, info="")
-        generate(out, ShapesConfig(n=n, size=size, seed=seed, split=split),
-                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+        generate(out, ShapesConfig(n=n, size=size, seed=seed, split=split), progress=bar.update)
     out_console.print(f"wrote {n} images to {out}")
 
 
@@ -245,26 +261,14 @@ def fid_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Fréchet distance between two image sets (pytorch-fid compatible with inception features)."""
-    import contextlib
-
     from ddguide.fid import FidConfig, run_fid
 
     cfg = FidConfig(a=str(a), b=str(b) if b is not None else None, features=features,
                     inception_weights=str(inception_weights) if inception_weights else None,
                     model=str(model) if model else None, timestep=timestep, batch=batch, device=device,
                     save_stats=str(save_stats) if save_stats else None, resize=resize)
-    with contextlib.ExitStack() as stack:
-        bars: list[Progress] = []  # opened at the first image batch: stats-only runs and early errors show none
-        tasks: dict[str, Any] = {}
-
-        def report(label: str, done: int, total: int) -> None:
-            if not bars:
-                bars.append(stack.enter_context(progress_bar("features")))
-            if label not in tasks:
-                tasks[label] = bars[0].add_task(label, total=total, info=label)
-            bars[0].update(tasks[label], completed=done)
-
-        result = run_fid(cfg, progress=report)
+    with progress_bar("features") as bar:  # appears at the first image batch: stats-only runs show none
+        result = run_fid(cfg, progress=lambda label, done, total: bar.update(done, total, label))
     console.print(f"using {result.note}", highlight=False)
     if result.saved is not None:
         console.print(f"wrote statistics of {a} ({result.a.n} images) to {result.saved}", highlight=False)

@@ -138,9 +138,9 @@ def infer_preset(path: str | os.PathLike) -> str:
 
 def convert(cfg: ConvertConfig) -> Model:
     """Read, check and write; nothing is written when the checkpoint does not fit."""
-    sd = read_state_dict(cfg.checkpoint)
     name = cfg.preset or (None if cfg.overrides else infer_preset(cfg.checkpoint))
     preset = get_preset(name) if name else None
+    sd = read_state_dict(cfg.checkpoint)
     base = preset.unet.to_dict() if preset else UNetConfig().to_dict()
     unet_cfg = UNetConfig.from_dict({**base, **cfg.overrides})
     diff_base = preset.diffusion.to_dict() if preset else DiffusionConfig().to_dict()

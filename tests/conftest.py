@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models built and saved by the tests themselves (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddguide.models import Model, save_model
+from ddguide.unet import PRESETS, UNetModel
+
+
+def build_tiny(seed: int = 0, **overrides) -> Model:
+    """The `tiny` preset (16 px) with random, non-zero weights."""
+    import dataclasses
+
+    preset = PRESETS["tiny"]
+    cfg = dataclasses.replace(preset.unet, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    net = UNetModel(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return Model(net, preset.diffusion, info={"preset": "tiny"}).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_model(path, build_tiny())
+    return path

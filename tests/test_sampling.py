@@ -1,0 +1,61 @@
+"""Samplers checked against Gaussian data, whose optimal epsilon is known in closed form."""
+
+import torch
+
+from ddguide.diffusion import DiffusionConfig, alphas_cumprod, space_timesteps
+from ddguide.sampling import image_generators, per_image_randn, sample_ddim, sample_ddpm
+
+MU, STD = 0.3, 0.2
+SHAPE = (3, 4, 4)
+
+
+def gaussian_denoiser(abar):
+    """E[eps | x_t] for x0 ~ N(MU, STD^2) per pixel: sqrt(1-a) (x_t - sqrt(a) MU) / (a STD^2 + 1 - a)."""
+    def denoise(x, t):
+        a = abar[t].float().view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * STD**2 + 1 - a)
+    return denoise
+
+
+def _draw(sampler, n, steps="ddim50", seed=0, batch=None, **kw):
+    abar = alphas_cumprod(DiffusionConfig(schedule="cosine"))
+    kept = space_timesteps(1000, steps)
+    batch = batch or n
+    out = []
+    for first in range(0, n, batch):
+        gens = image_generators(seed, range(first, min(first + batch, n)))
+        x = per_image_randn(SHAPE, gens, "cpu")
+        out.append(sampler(gaussian_denoiser(abar), x, kept, abar, generators=gens, clip=False, **kw))
+    return torch.cat(out)
+
+
+def test_ddim_reproduces_mean_and_variance():
+    x = _draw(sample_ddim, 2000, steps="ddim250")
+    assert abs(x.mean().item() - MU) < 0.005
+    assert abs(x.std().item() - STD) < 0.005
+    # the ODE discretisation error shrinks with more steps
+    coarse = _draw(sample_ddim, 2000, steps="ddim50")
+    assert abs(coarse.std().item() - STD) > abs(x.std().item() - STD)
+
+
+def test_ddpm_reproduces_mean_and_variance():
+    x = _draw(sample_ddpm, 2000, steps="100")
+    assert abs(x.mean().item() - MU) < 0.01
+    assert abs(x.std().item() - STD) < 0.015
+
+
+def test_ddim_eta0_is_deterministic():
+    assert torch.equal(_draw(sample_ddim, 8), _draw(sample_ddim, 8))
+
+
+def test_image_k_does_not_depend_on_batch_size():
+    for kw in ({"eta": 0.0}, {"eta": 1.0}):
+        a = _draw(sample_ddim, 8, batch=1, **kw)
+        b = _draw(sample_ddim, 8, batch=4, **kw)
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(_draw(sample_ddpm, 8, steps="20", batch=1), _draw(sample_ddpm, 8, steps="20", batch=4),
+                          atol=1e-6)
+
+
+def test_seeds_give_different_images():
+    assert not torch.allclose(_draw(sample_ddim, 4, seed=0), _draw(sample_ddim, 4, seed=100))
