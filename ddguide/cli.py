@@ -138,17 +138,23 @@ def sample(
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like noise.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Image k uses seed + k.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    class_: Annotated[Optional[list[str]], typer.Option(
+        "--class", help="Class name or id of a class-conditional model (repeat, or 'all' to cycle evenly).")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option(
+        "--cfg", help="Classifier-free guidance weight w: eps = (1+w) eps(x,c) - w eps(x,null).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
 ) -> None:
-    """Sample images from a model."""
+    """Sample images from a model: unconditional, class-conditional (--class, --cfg)."""
     from ddguide.generate import SampleConfig, generate
+    from ddguide.guidance import class_sampling
 
     cfg = SampleConfig(out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler,
                        eta=eta, seed=seed, batch=batch, device=device, precision=precision)
     cfg.validate()
+    denoiser_for, row_info = class_sampling(class_, cfg_scale, precision)
     with progress_bar("sampling") as bar:
-        folder = generate(cfg, progress=bar.update)
+        folder = generate(cfg, denoiser_for, progress=bar.update, row_info=row_info)
     out_console.print(f"wrote {n} images, index.csv and grid.png to {folder}")
 
 

@@ -121,16 +121,23 @@ def read_index(folder: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def generate(cfg: SampleConfig, denoiser_factory: Callable[[Model, torch.device], Denoiser] | None = None,
-             progress: Callable[[int, int], None] | None = None,
-             row_info: Callable[[torch.Tensor, Sequence[int]], list[dict[str, Any]]] | None = None) -> Path:
-    """Sample ``cfg.n`` images into ``cfg.out``. ``denoiser_factory`` wraps the model (guidance, CFG);
-    ``row_info(images, indices)`` adds per-image columns to the index."""
+DenoiserFactory = Callable[[Model, Sequence[int]], Denoiser]
+RowInfo = Callable[[Model, torch.Tensor, Sequence[int]], list[dict[str, Any]]]
+
+
+def generate(cfg: SampleConfig, denoiser_for: DenoiserFactory | None = None,
+             progress: Callable[[int, int], None] | None = None, row_info: RowInfo | None = None) -> Path:
+    """Sample ``cfg.n`` images into ``cfg.out``.
+
+    ``denoiser_for(model, indices)`` wraps the model for one batch (guidance, CFG: per-image classes or targets);
+    ``row_info(model, images, indices)`` adds per-image columns to the index (class, head probability).
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device)
-    denoiser = (denoiser_factory(model, device) if denoiser_factory
-                else plain_denoiser(model, device, cfg.precision))
+    if denoiser_for is None:
+        plain = plain_denoiser(model, device, cfg.precision)
+        denoiser_for = lambda _model, _indices: plain  # noqa: E731
     steps = timesteps_for(model, cfg.steps, cfg.sampler)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,8 +147,8 @@ def generate(cfg: SampleConfig, denoiser_factory: Callable[[Model, torch.device]
         indices = list(range(first, min(first + cfg.batch, cfg.start + cfg.n)))
         done = (first - cfg.start) * len(steps)
         cb = (lambda i, _k, d=done, b=len(indices): progress(d + i * b, total)) if progress else None
-        x = draw(model, denoiser, indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
-        extra = row_info(x, indices) if row_info else [{} for _ in indices]
+        x = draw(model, denoiser_for(model, indices), indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
+        extra = row_info(model, x, indices) if row_info else [{} for _ in indices]
         for k, image, more in zip(indices, to_uint8(x), extra):
             name = f"{k:06d}.png"
             write_png(out / name, image)
