@@ -187,3 +187,76 @@ def _require_file(path: Path) -> None:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a file")
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+
+
+class StreamingWriter:
+    """Write a safetensors artifact whose tensors arrive in slices along their first axis.
+
+    All shapes are known up front, so the header is written first and each slice lands at its byte offset:
+    peak memory is one slice, however many images there are. The file appears under its name only on
+    :meth:`commit` (atomic rename); an exception or a kill leaves no artifact.
+    """
+
+    def __init__(self, path: str | os.PathLike, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
+                 kind: str, config: dict[str, Any], fingerprint: str, extra: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {_PREFIX + "kind": kind, _PREFIX + "schema": str(SCHEMA), _PREFIX + "version": __version__,
+                _PREFIX + "config": json.dumps(config, sort_keys=True), _PREFIX + "fingerprint": fingerprint}
+        meta.update({_PREFIX + k: str(v) for k, v in (extra or {}).items()})
+        header: dict[str, Any] = {"__metadata__": meta}
+        self.layout, offset = {}, 0
+        for name in sorted(layout):  # safetensors readers expect data in header order; sorted keeps it simple
+            shape, dtype = layout[name]
+            size = int(torch.tensor([], dtype=dtype).element_size() * _numel(shape))
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.layout[name] = (shape, dtype, offset)
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}.", dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "w+b")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+        self.data_start = 8 + len(raw)
+        self.file.truncate(self.data_start + offset)
+
+    def write(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Store ``values`` as rows ``start : start + len(values)`` of tensor ``name``."""
+        shape, dtype, offset = self.layout[name]
+        row = int(torch.tensor([], dtype=dtype).element_size() * _numel(shape[1:]))
+        if tuple(values.shape[1:]) != tuple(shape[1:]) or start + len(values) > shape[0]:
+            raise ValueError(f"{name}: rows {start}+{len(values)} of shape {tuple(values.shape)} do not fit {shape}")
+        data = values.detach().to("cpu", dtype).contiguous()
+        self.file.seek(self.data_start + offset + start * row)
+        self.file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+
+    def commit(self) -> Path:
+        self.file.close()
+        os.chmod(self.tmp, 0o666 & ~_umask())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
