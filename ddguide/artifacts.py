@@ -86,10 +86,10 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """Content hash of a set of named tensors (names, dtypes, shapes and bytes), 16 hex digits."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
+        t = tensors[name].detach().to("cpu").contiguous().reshape(-1)  # 0-dim tensors cannot be viewed as bytes
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
+        h.update(str(tuple(tensors[name].shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 

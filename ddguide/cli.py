@@ -142,19 +142,31 @@ def sample(
         "--class", help="Class name or id of a class-conditional model (repeat, or 'all' to cycle evenly).")] = None,
     cfg_scale: Annotated[Optional[float], typer.Option(
         "--cfg", help="Classifier-free guidance weight w: eps = (1+w) eps(x,c) - w eps(x,null).")] = None,
+    guide: Annotated[Optional[list[str]], typer.Option(
+        help="Head to guide with, HEAD[:weight[:target]]; repeat for a product of experts.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Class the classifier heads should see (e.g. 1).")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="Mask (PNG or .npy of class ids) for segmentation heads.")] = None,
+    lam: Annotated[float, typer.Option("--lambda", help="Guidance scale lambda of Eq. 13.")] = 1.0,
+    guide_grad: Annotated[str, typer.Option(
+        help="full: differentiate through the denoiser (paper); x0: hold eps constant (cheaper).")] = "full",
+    guide_window: Annotated[Optional[tuple[int, int]], typer.Option(
+        help="Guide only while LO <= t <= HI (schedule indices), given as HI LO.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
 ) -> None:
-    """Sample images from a model: unconditional, class-conditional (--class, --cfg)."""
+    """Sample images: unconditional, guided by heads (--guide), or class-conditional (--class, --cfg)."""
     from ddguide.generate import SampleConfig, generate
-    from ddguide.guidance import class_sampling
+    from ddguide.guidance import class_sampling, head_sampling
 
     cfg = SampleConfig(out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler,
                        eta=eta, seed=seed, batch=batch, device=device, precision=precision)
     cfg.validate()
-    denoiser_for, row_info = class_sampling(class_, cfg_scale, precision)
+    if guide and class_:
+        raise UserError("--guide and --class cannot be combined yet")
+    plan = (head_sampling(guide or [], target, str(mask) if mask else None, lam, guide_grad, guide_window, precision)
+            or class_sampling(class_, cfg_scale, precision))
     with progress_bar("sampling") as bar:
-        folder = generate(cfg, denoiser_for, progress=bar.update, row_info=row_info)
+        folder = generate(cfg, plan, progress=bar.update)
     out_console.print(f"wrote {n} images, index.csv and grid.png to {folder}")
 
 
@@ -214,6 +226,69 @@ def data_shapes(
     with progress_bar("generating") as bar:
         generate(out, ShapesConfig(n=n, size=size, seed=seed, split=split), progress=bar.update)
     out_console.print(f"wrote {n} images to {out}")
+
+
+# ----------------------------------------------------------------------------------------------- method
+
+
+@app.command()
+@handle_errors
+def extract(
+    data: Annotated[Path, typer.Argument(help="Image folder (flat, or class sub-folders whose names are labels).")],
+    out: Annotated[Path, typer.Option(help="Features artifact to write (.safetensors).")],
+    model: ModelOpt = None,
+    timesteps: Annotated[list[int], typer.Option(help="Feature timesteps T_f (repeat the option).")] = [300, 800],
+    blocks: Annotated[list[str], typer.Option(help="Blocks to tap: in.<i>, mid, out.<i> (repeat).")] = ["mid", "out.2"],
+    noise: Annotated[str, typer.Option(help="none: clean image (official code); fixed: q(x_T|x0) with a fixed "
+                                            "seed per image (Baranchuk et al.).")] = "none",
+    seed: Annotated[int, typer.Option(help="Seed of the fixed noise.")] = 0,
+    labels: Annotated[Optional[Path], typer.Option(help="Attribute table: CSV file,attr,... or "
+                                                        "list_attr_celeba.txt.")] = None,
+    label: Annotated[Optional[str], typer.Option(help="The attribute column to use.")] = None,
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of masks (PNG or .npy) paired by file stem.")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    storage: Annotated[str, typer.Option(help="fp32 or fp16 on disk.")] = "fp32",
+    resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+) -> None:
+    """Extract denoiser features (native resolution, streamed to disk) with labels or masks."""
+    from ddguide.features import ExtractConfig, extract as run
+
+    cfg = ExtractConfig(data=str(data), out=str(out), model=str(model) if model else None, blocks=tuple(blocks),
+                        timesteps=tuple(timesteps), noise=noise, seed=seed, labels=str(labels) if labels else None,
+                        label=label, masks=str(masks) if masks else None, batch=batch, storage=storage,
+                        device=device, precision=precision, resize=resize)
+    with progress_bar("extracting") as bar:
+        path = run(cfg, progress=bar.update)
+    out_console.print(f"wrote {path}")
+
+
+@app.command("train-head")
+@handle_errors
+def train_head(
+    features: Annotated[Path, typer.Argument(help="Features artifact from `ddguide extract`.")],
+    out: Annotated[Path, typer.Option(help="Head artifact to write.")],
+    kind: Annotated[str, typer.Option(help="classifier, segmentation, rejection or pixel (DDIM-I).")] = "classifier",
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps (default depends on --kind).")] = None,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share for the metric and calibration.")] = 0.2,
+    blocks: Annotated[Optional[list[str]], typer.Option(help="Use only these of the extracted blocks.")] = None,
+    timesteps: Annotated[Optional[list[int]], typer.Option(help="Use only these extracted timesteps.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, initialisation and batches.")] = 0,
+) -> None:
+    """Train a head on denoiser features (or on pixels, --kind pixel)."""
+    from ddguide.heads import TrainHeadConfig, load_head, train_head as run
+
+    cfg = TrainHeadConfig(features=str(features), out=str(out), kind=kind, steps=steps, batch=batch, lr=lr,
+                          val_fraction=val_fraction, seed=seed, blocks=tuple(blocks) if blocks else None,
+                          timesteps=tuple(timesteps) if timesteps else None)
+    with progress_bar("training head") as bar:
+        path = run(cfg, progress=bar.update)
+    head = load_head(path)
+    metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.cfg.metrics.items())
+    out_console.print(f"wrote {path} ({metrics}; temperature {head.cfg.temperature:.2f})")
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -285,6 +360,110 @@ def fid_command(
 
 
 # --- end fid ---
+
+
+# --- finetune ---
+
+
+@app.command()
+@handle_errors
+def finetune(
+    data: Annotated[Path, typer.Argument(
+        help="Labelled images: DATA/<class>/*.png, DATA/images/<class>/ (ddguide data shapes), Tiny ImageNet's "
+             "root or a samples folder whose index.csv has a class column.")],
+    out: Annotated[Path, typer.Option(help="Class-conditional model to write; a checkpoint is kept beside it.")],
+    model: ModelOpt = None,
+    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 10000,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    label_dropout: Annotated[float, typer.Option(
+        help="Probability that a label is replaced by the null class (keeps the model unconditional too, "
+             "for classifier-free guidance).")] = 0.1,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights that are shipped.")] = 0.999,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
+    precision: PrecisionOpt = "bf16",
+    seed: Annotated[int, typer.Option(help="Seed of the class embedding, batches, label dropout and noise.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
+    resize: Annotated[str, typer.Option(
+        help="Images of another size than the model's: refuse, resize or center-crop.")] = "refuse",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fine-tune an unconditional model into a class-conditional one (label dropout, for --cfg sampling);
+    rerun the same command to resume after a stop."""
+    from ddguide.finetune import FinetuneConfig, finetune as run
+
+    cfg = FinetuneConfig(data=str(data), out=str(out), model=str(model) if model else None, steps=steps,
+                         batch=batch, lr=lr, label_dropout=label_dropout, ema_decay=ema, grad_clip=grad_clip,
+                         precision=precision, seed=seed, checkpoint_every=checkpoint_every, device=device,
+                         resize=resize, threads=threads)
+    with progress_bar("fine-tuning") as bar:
+        path = run(cfg, progress=bar.update)
+    out_console.print(f"wrote {path}")
+
+
+# --- end finetune ---
+
+
+# --- cas ---
+
+
+@app.command("cas")
+@handle_errors
+def cas_command(
+    train: Annotated[list[Path], typer.Option(
+        help="Training images (repeat to combine): labelled folders or samples folders with a class column.")],
+    test: Annotated[Path, typer.Option(
+        help="REAL labelled test images (class folders, Tiny ImageNet's root or val/ folder).")],
+    arch: Annotated[str, typer.Option(
+        help="resnet18, resnet34, resnet50, wide_resnet50_2 or resnext50_32x4d.")] = "resnet18",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 256,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    milestones: Annotated[tuple[int, int], typer.Option(
+        help="The two epochs at which the learning rate is multiplied by 0.1, e.g. --milestones 20 30.")] = (20, 30),
+    mixup_cutmix: Annotated[float, typer.Option(
+        help="Probability that a batch is mixed by mixup or cutmix (evenly; Beta(1,1) weights).")] = 0.0,
+    out: Annotated[Path, typer.Option(
+        help="Report artifact to write; a checkpoint is kept beside it (rerun the same command to resume).")]
+        = Path("cas_report.safetensors"),
+    stem: Annotated[str, typer.Option(
+        help="auto (3x3 stride-1 stem without max-pool for images of 64 px or less), small or imagenet.")] = "auto",
+    image_size: Annotated[Optional[int], typer.Option(
+        help="Classifier input side (default: the test images' side).")] = None,
+    resize: Annotated[str, typer.Option(
+        help="Images of another size: refuse, resize or center-crop.")] = "refuse",
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+) -> None:
+    """Classification Accuracy Score: train a classifier on (synthetic) data, test it on real data."""
+    from ddguide.cas import CasConfig, cas as run
+
+    cfg = CasConfig(train=[str(t) for t in train], test=str(test), out=str(out), arch=arch, epochs=epochs,
+                    batch=batch, lr=lr, milestones=list(milestones), mixup_cutmix=mixup_cutmix, stem=stem,
+                    image_size=image_size, resize=resize, seed=seed, precision=precision, device=device,
+                    threads=threads)
+    with progress_bar("CAS") as bar:
+        result = run(cfg, progress=bar.update)
+    table = Table(title="Classification Accuracy Score (real test set)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("top-1", f"{100 * result.top1:.2f}%")
+    table.add_row(f"top-{result.k}", f"{100 * result.top5:.2f}%")
+    table.add_row("train / test images", f"{result.n_train} / {result.n_test}")
+    worst = sorted(result.per_class.items(), key=lambda kv: kv[1])
+    shown = worst if len(worst) <= 12 else worst[:5] + worst[-5:]
+    for name, acc in shown:
+        table.add_row(f"class {name}", f"{100 * acc:.1f}%")
+    out_console.print(table)
+    if len(worst) > len(shown):
+        out_console.print(f"(the 5 worst and 5 best of {len(worst)} classes; all are in {result.report})")
+    out_console.print(f"wrote {result.report}")
+
+
+# --- end cas ---
 
 
 def main() -> None:

@@ -121,23 +121,28 @@ def read_index(folder: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-DenoiserFactory = Callable[[Model, Sequence[int]], Denoiser]
-RowInfo = Callable[[Model, torch.Tensor, Sequence[int]], list[dict[str, Any]]]
+@dataclass
+class Plan:
+    """How to sample beyond the plain model: ``denoiser_for(model, indices)`` wraps the model for one batch
+    (guidance, CFG; per-image classes or targets), ``row_info(model, images, indices)`` adds index columns
+    (class, head probability) and ``check(model)`` refuses bad combinations before anything is written."""
+
+    denoiser_for: Callable[[Model, Sequence[int]], Denoiser]
+    row_info: Callable[[Model, torch.Tensor, Sequence[int]], list[dict[str, Any]]] | None = None
+    check: Callable[[Model], None] | None = None
 
 
-def generate(cfg: SampleConfig, denoiser_for: DenoiserFactory | None = None,
-             progress: Callable[[int, int], None] | None = None, row_info: RowInfo | None = None) -> Path:
-    """Sample ``cfg.n`` images into ``cfg.out``.
-
-    ``denoiser_for(model, indices)`` wraps the model for one batch (guidance, CFG: per-image classes or targets);
-    ``row_info(model, images, indices)`` adds per-image columns to the index (class, head probability).
-    """
+def generate(cfg: SampleConfig, plan: Plan | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Path:
+    """Sample ``cfg.n`` images into ``cfg.out`` (PNGs, index.csv, grid.png)."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    model = load_model(cfg.model, device)
-    if denoiser_for is None:
+    model = load_model(cfg.model, device).requires_grad_(False)  # guidance needs input gradients only
+    if plan is None:
         plain = plain_denoiser(model, device, cfg.precision)
-        denoiser_for = lambda _model, _indices: plain  # noqa: E731
+        plan = Plan(lambda _model, _indices: plain)
+    if plan.check:
+        plan.check(model)
     steps = timesteps_for(model, cfg.steps, cfg.sampler)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,8 +152,8 @@ def generate(cfg: SampleConfig, denoiser_for: DenoiserFactory | None = None,
         indices = list(range(first, min(first + cfg.batch, cfg.start + cfg.n)))
         done = (first - cfg.start) * len(steps)
         cb = (lambda i, _k, d=done, b=len(indices): progress(d + i * b, total)) if progress else None
-        x = draw(model, denoiser_for(model, indices), indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
-        extra = row_info(model, x, indices) if row_info else [{} for _ in indices]
+        x = draw(model, plan.denoiser_for(model, indices), indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
+        extra = plan.row_info(model, x, indices) if plan.row_info else [{} for _ in indices]
         for k, image, more in zip(indices, to_uint8(x), extra):
             name = f"{k:06d}.png"
             write_png(out / name, image)

@@ -374,7 +374,6 @@ def _presets() -> dict[str, Preset]:
     # improved-diffusion rescales its time input to [0, 1000); its ImageNet-64 and CIFAR-10 models use
     # 4000 cosine steps. guided-diffusion feeds the raw index and (except 64x64) a 1000-step linear schedule.
     cos4000 = DiffusionConfig(steps=4000, schedule="cosine", rescale_timesteps=True)
-    lin1000_rescaled = DiffusionConfig(steps=1000, schedule="linear", rescale_timesteps=True)
     lin1000 = DiffusionConfig(steps=1000, schedule="linear")
     cos1000 = DiffusionConfig(steps=1000, schedule="cosine")
     gd = "openai guided-diffusion"
@@ -387,7 +386,7 @@ def _presets() -> dict[str, Preset]:
         "cifar10_uncond_50M_500K": Preset(_adm(32, 128, 3, (16, 8), dropout=0.3), cos4000,
                                           "openai improved-diffusion"),
         "lsun_uncond_100M_1200K_bs128": Preset(_adm(256, 128, 2, (16,), heads=1, scale_shift=False),
-                                               lin1000_rescaled, "openai improved-diffusion"),
+                                               lin1000, "openai improved-diffusion"),
         "64x64_diffusion": Preset(_adm(64, 192, 3, (32, 16, 8), classes=1000, head_channels=64, updown=True,
                                        new_order=True, dropout=0.1), cos1000, gd),
         "128x128_diffusion": Preset(_adm(128, 256, 2, (32, 16, 8), classes=1000, updown=True), lin1000, gd),

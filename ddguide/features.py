@@ -1,0 +1,196 @@
+"""Denoiser features: the unconditional U-Net's own intermediate blocks at feature timesteps T_f.
+
+The same network that denoises is run on an image with time embedding T_f and read at named blocks (paper §4.1).
+``noise='none'`` feeds the clean image, as the paper's official code does; ``noise='fixed'`` first draws
+``x_{T_f} ~ q(x_{T_f} | x0)`` with one fixed generator per image (Baranchuk et al.). All timesteps run as one
+batched pass and the pass stops after the deepest tapped block.
+
+``extract`` streams features to disk at native resolution (never upsampled there): peak memory is one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ddguide import artifacts
+from ddguide.data import attribute_labels, list_images, load_image, paired_masks, to_tensor
+from ddguide.diffusion import q_sample
+from ddguide.errors import UserError
+from ddguide.models import Model, autocast, load_model, resolve_device
+from ddguide.sampling import image_generators, per_image_randn
+
+NOISE_MODES = ("none", "fixed")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which features a head reads: blocks x timesteps, the noise mode and its seed."""
+
+    blocks: tuple[str, ...]
+    timesteps: tuple[int, ...]
+    noise: str = "none"
+    seed: int = 0
+
+    @staticmethod
+    def key(block: str, t: int) -> str:
+        return f"feat.{block}@{t}"
+
+    def keys(self) -> list[str]:
+        return [self.key(b, t) for t in self.timesteps for b in self.blocks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+        return cls(tuple(d["blocks"]), tuple(int(t) for t in d["timesteps"]), d.get("noise", "none"),
+                   int(d.get("seed", 0)))
+
+    def check(self, model: Model) -> None:
+        if not self.blocks or not self.timesteps:
+            raise UserError("give at least one block and one timestep")
+        model.net._check_blocks(self.blocks)
+        for t in self.timesteps:
+            if not 0 <= t < model.diffusion.steps:
+                raise UserError(f"feature timestep {t} is outside the model's 0..{model.diffusion.steps - 1}")
+        if self.noise not in NOISE_MODES:
+            raise UserError(f"unknown noise mode {self.noise!r} (choose from {', '.join(NOISE_MODES)})")
+
+
+def compute(model: Model, x: torch.Tensor, spec: FeatureSpec, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Features of images ``x`` (N, 3, H, W) in [-1, 1] as ``{key: (N, C, h, w)}``, all timesteps in one pass.
+
+    Differentiable in ``x`` (guidance backpropagates through it); ``indices`` seed the fixed noise.
+    """
+    n, steps = len(x), len(spec.timesteps)
+    xs = x.repeat(steps, 1, 1, 1)  # (T*N, 3, H, W), timestep-major
+    t = torch.tensor(spec.timesteps, device=x.device).repeat_interleave(n)  # (T*N,)
+    if spec.noise == "fixed":
+        gens = image_generators(spec.seed, indices)
+        noise = per_image_randn(x.shape[1:], gens, x.device, x.dtype)  # the same draw at every T_f
+        xs = q_sample(xs, t, noise.repeat(steps, 1, 1, 1), model.abar)
+    taps = model.features(xs, t, spec.blocks)
+    return {spec.key(b, tf): taps[b][i * n:(i + 1) * n] for i, tf in enumerate(spec.timesteps) for b in spec.blocks}
+
+
+@dataclass
+class ExtractConfig:
+    data: str
+    out: str
+    model: str | None = None
+    blocks: tuple[str, ...] = ("mid", "out.2")
+    timesteps: tuple[int, ...] = (300, 800)
+    noise: str = "none"
+    seed: int = 0
+    labels: str | None = None  # attribute table (CSV or list_attr_celeba.txt)
+    label: str | None = None  # its column
+    masks: str | None = None  # folder of PNG / .npy masks paired by stem
+    batch: int = 16
+    storage: str = "fp32"
+    device: str = "auto"
+    precision: str = "fp32"
+    resize: str = "refuse"
+
+
+def image_list_hash(files: Sequence[Path], root: str | Path) -> str:
+    """Hash of the relative paths and sizes of the images, so a head can tell which data it saw."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _labels(cfg: ExtractConfig, files: list[Path], size: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-image targets: an attribute column, paired masks, or the class sub-folder."""
+    root = Path(cfg.data)
+    if cfg.labels or cfg.label:
+        if not (cfg.labels and cfg.label):
+            raise UserError("--labels and --label go together (the file and the attribute column)")
+        return {"labels": attribute_labels(files, root, cfg.labels, cfg.label)}, {"label": cfg.label,
+                                                                                    "classes": ["0", "1"]}
+    if cfg.masks:
+        masks = paired_masks(files, cfg.masks, size)
+        if masks.min() < 0 or masks.max() > 255:
+            raise UserError(f"{cfg.masks}: mask ids must be in 0..255")
+        return {"masks": masks.to(torch.uint8)}, {"label": "mask", "mask_classes": int(masks.max()) + 1}
+    parents = sorted({f.parent for f in files})
+    if len(parents) > 1 and all(p.parent == parents[0].parent for p in parents):  # class sub-folders
+        names = [p.name for p in parents]
+        labels = torch.tensor([names.index(f.parent.name) for f in files], dtype=torch.long)
+        return {"labels": labels}, {"label": "class", "classes": names}
+    return {}, {"label": None}
+
+
+def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a ``features`` artifact: taps per (block, T_f) at native resolution, the images and their targets."""
+    if cfg.batch < 1:
+        raise UserError("--batch must be >= 1")
+    if cfg.storage not in ("fp32", "fp16"):
+        raise UserError(f"unknown storage {cfg.storage!r} (fp32, fp16)")
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device)
+    spec = FeatureSpec(tuple(cfg.blocks), tuple(cfg.timesteps), cfg.noise, cfg.seed)
+    spec.check(model)
+    files = list_images(cfg.data)
+    size, n = model.image_size, len(files)
+    targets, label_info = _labels(cfg, files, size)
+
+    dtype = torch.float16 if cfg.storage == "fp16" else torch.float32
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((n, size, size, 3), torch.uint8)}
+    for t in spec.timesteps:
+        for b in spec.blocks:
+            side = size // model.net.block_downsampling(b)
+            layout[spec.key(b, t)] = ((n, model.net.block_channels(b), side, side), dtype)
+    layout.update({k: (tuple(v.shape), v.dtype) for k, v in targets.items()})
+    config = {"spec": spec.to_dict(), "model": model.fingerprint, "image_size": size, "count": n,
+              "images_hash": image_list_hash(files, cfg.data), "storage": cfg.storage, **label_info}
+
+    with artifacts.StreamingWriter(cfg.out, layout, kind="features", config=config,
+                                   fingerprint=model.fingerprint) as writer:
+        for k, v in targets.items():
+            writer.write(k, 0, v)
+        for start in range(0, n, cfg.batch):
+            batch = np.stack([load_image(f, size, cfg.resize) for f in files[start:start + cfg.batch]])
+            x = to_tensor(batch).to(device)
+            with torch.no_grad(), autocast(device, cfg.precision):
+                feats = compute(model, x, spec, range(start, start + len(batch)))
+            for key, value in feats.items():
+                if not torch.isfinite(value).all():
+                    raise UserError(f"non-finite values in features {key}: the model or the images are broken")
+                writer.write(key, start, value.float())
+            writer.write("images", start, torch.from_numpy(batch))
+            if progress:
+                progress(min(start + cfg.batch, n), n)
+    return Path(cfg.out)
+
+
+@dataclass
+class Features:
+    """A loaded features artifact."""
+
+    spec: FeatureSpec
+    taps: dict[str, torch.Tensor]
+    images: torch.Tensor  # uint8 (N, H, W, 3)
+    labels: torch.Tensor | None
+    masks: torch.Tensor | None
+    config: dict[str, Any]
+    fingerprint: str
+    path: Path
+
+
+def load_features(path: str | Path) -> Features:
+    art = artifacts.load(path, "features")
+    spec = FeatureSpec.from_dict(art.config["spec"])
+    taps = {k: v.float() for k, v in art.tensors.items() if k.startswith("feat.")}
+    for key, value in taps.items():
+        if not torch.isfinite(value).all():
+            raise UserError(f"{path}: features {key} hold NaN or infinite values")
+    return Features(spec, taps, art.tensors["images"], art.tensors.get("labels"),
+                    art.tensors["masks"].long() if "masks" in art.tensors else None, art.config,
+                    art.fingerprint, Path(path))

@@ -1,0 +1,302 @@
+"""Heads on denoiser features (paper §4.1, §5) and their training.
+
+- ``classifier``   3 conv layers + pooling on taps such as ``mid`` and an upsampling block at T_f = 700 (§5.1).
+- ``segmentation`` a per-pixel MLP of 1x1 convolutions on decoder taps at T_f = 500; taps are upsampled to the
+                   image size per batch inside the head, never on disk (§5.2, after Baranchuk et al.).
+- ``rejection``    4 conv layers with GroupNorm and max-pools on ``mid`` at T_f = 300 and 800, concatenated and
+                   L2-normalised over channels (~1.2M parameters at 1024 input channels) (§5.3).
+- ``pixel``        a small CNN on clean pixels: the paper's DDIM-I baseline, guided through x0_hat.
+
+A head artifact carries its feature spec and the model fingerprint; every consumer checks both. Probabilities
+are temperature-calibrated on a held-out split so they can be thresholded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddguide import artifacts
+from ddguide.errors import UserError
+from ddguide.features import Features, FeatureSpec, load_features
+
+KINDS = ("classifier", "segmentation", "rejection", "pixel")
+PIXELS = "pixels"  # the fingerprint of heads that read pixels, not a model's features
+
+
+def gather(taps: dict[str, torch.Tensor], keys: list[str], normalize: bool) -> torch.Tensor:
+    """Resize taps to the largest tapped resolution and concatenate them along channels. -> (N, C, h, w)"""
+    side = max(taps[k].shape[-1] for k in keys)
+    parts = [t if t.shape[-1] == side else F.interpolate(t, size=(side, side), mode="bilinear", align_corners=False)
+             for t in (taps[k] for k in keys)]
+    x = torch.cat(parts, dim=1)
+    return F.normalize(x, dim=1) if normalize else x
+
+
+class ClassifierHead(nn.Module):
+    def __init__(self, in_channels: int, classes: int, width: int = 128):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
+        )
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).mean(dim=(2, 3)))  # (N, classes)
+
+
+class SegmentationHead(nn.Module):
+    """Per-pixel MLP; its input is upsampled to ``size`` x ``size`` here, batch by batch."""
+
+    def __init__(self, in_channels: int, classes: int, size: int, hidden: tuple[int, int] = (128, 64)):
+        super().__init__()
+        self.size = size
+        self.mlp = nn.Sequential(
+            nn.Conv2d(in_channels, hidden[0], 1), nn.ReLU(), nn.GroupNorm(8, hidden[0]),
+            nn.Conv2d(hidden[0], hidden[1], 1), nn.ReLU(), nn.GroupNorm(8, hidden[1]),
+            nn.Conv2d(hidden[1], classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.mlp(x)  # (N, classes, H, W)
+
+
+class RejectionHead(nn.Module):
+    def __init__(self, in_channels: int, classes: int, width: int = 96):
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = in_channels
+        for i in range(4):
+            layers += [nn.Conv2d(ch, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            ch = width
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).amax(dim=(2, 3)))
+
+
+class PixelHead(ClassifierHead):
+    """The DDIM-I baseline: the same small CNN, on RGB pixels in [-1, 1]."""
+
+    def __init__(self, classes: int, width: int = 64):
+        super().__init__(3, classes, width)
+
+
+@dataclass
+class HeadConfig:
+    kind: str
+    classes: list[str]
+    spec: dict[str, Any] | None  # FeatureSpec of the taps it reads (None for pixel heads)
+    in_channels: int
+    image_size: int
+    normalize: bool = False
+    temperature: float = 1.0
+    label: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+class Head(nn.Module):
+    """A trained head with its config: ``logits(inputs)`` where inputs are feature taps or pixels."""
+
+    def __init__(self, cfg: HeadConfig, fingerprint: str, path: Path | None = None):
+        super().__init__()
+        self.cfg, self.fingerprint, self.path = cfg, fingerprint, path
+        k = len(cfg.classes)
+        if cfg.kind == "classifier":
+            self.net: nn.Module = ClassifierHead(cfg.in_channels, k)
+        elif cfg.kind == "segmentation":
+            self.net = SegmentationHead(cfg.in_channels, k, cfg.image_size)
+        elif cfg.kind == "rejection":
+            self.net = RejectionHead(cfg.in_channels, k)
+        elif cfg.kind == "pixel":
+            self.net = PixelHead(k)
+        else:
+            raise UserError(f"unknown head kind {cfg.kind!r} (choose from {', '.join(KINDS)})")
+        self.spec = FeatureSpec.from_dict(cfg.spec) if cfg.spec else None
+
+    @property
+    def reads_pixels(self) -> bool:
+        return self.spec is None
+
+    def inputs(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self.spec is not None
+        return gather(taps, self.spec.keys(), self.cfg.normalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits from prepared inputs (``inputs(taps)`` or pixels)."""
+        return self.net(x) / self.cfg.temperature
+
+    def target_index(self, value: str) -> int:
+        if value in self.cfg.classes:
+            return self.cfg.classes.index(value)
+        raise UserError(f"target {value!r} is not among the head's classes ({', '.join(self.cfg.classes)})")
+
+
+def save_head(path: str | Path, head: Head) -> Path:
+    return artifacts.save(path, head.net.state_dict(), kind="head", config=asdict(head.cfg),
+                          fingerprint=head.fingerprint)
+
+
+def load_head(path: str | Path, device: str | torch.device = "cpu") -> Head:
+    art = artifacts.load(path, "head")
+    head = Head(HeadConfig(**art.config), art.fingerprint, Path(path))
+    head.net.load_state_dict(art.tensors)
+    return head.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class TrainHeadConfig:
+    features: str
+    out: str
+    kind: str = "classifier"
+    steps: int | None = None  # default per kind
+    batch: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+    blocks: tuple[str, ...] | None = None  # a subset of the extracted taps (default: all)
+    timesteps: tuple[int, ...] | None = None
+
+
+DEFAULT_STEPS = {"classifier": 150, "segmentation": 400, "rejection": 300, "pixel": 300}
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * fraction)) if n >= 5 else 0
+    return perm[n_val:], perm[:n_val]
+
+
+def _targets(feats: Features, kind: str) -> tuple[torch.Tensor, list[str]]:
+    if kind == "segmentation":
+        if feats.masks is None:
+            raise UserError(f"{feats.path}: a segmentation head needs masks (extract with --masks DIR)")
+        return feats.masks, [str(i) for i in range(int(feats.config.get("mask_classes", feats.masks.max() + 1)))]
+    if feats.labels is None:
+        raise UserError(f"{feats.path}: a {kind} head needs labels (extract with --labels/--label or class folders)")
+    classes = feats.config.get("classes") or [str(i) for i in range(int(feats.labels.max()) + 1)]
+    if len(set(feats.labels.tolist())) < 2:
+        raise UserError(f"{feats.path}: every image has the same label; a head needs at least two classes")
+    return feats.labels, list(classes)
+
+
+def _inputs(feats: Features, cfg: TrainHeadConfig, normalize: bool) -> tuple[torch.Tensor, FeatureSpec | None]:
+    """The head's input tensor for every image (features gathered, or pixels for the DDIM-I baseline)."""
+    if cfg.kind == "pixel":
+        return feats.images.permute(0, 3, 1, 2).float() / 127.5 - 1, None
+    spec = FeatureSpec(tuple(cfg.blocks or feats.spec.blocks), tuple(cfg.timesteps or feats.spec.timesteps),
+                       feats.spec.noise, feats.spec.seed)
+    missing = [k for k in spec.keys() if k not in feats.taps]
+    if missing:
+        raise UserError(f"{feats.path}: has no {', '.join(missing)} (it holds {', '.join(sorted(feats.taps))})")
+    if cfg.kind == "segmentation":  # upsampling happens in the head; keep taps native-size here
+        return torch.empty(0), spec
+    return gather(feats.taps, spec.keys(), normalize), spec
+
+
+def miou(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
+    """Mean intersection over union over the classes present in prediction or target."""
+    ious = []
+    for c in range(classes):
+        inter = ((pred == c) & (target == c)).sum().item()
+        union = ((pred == c) | (target == c)).sum().item()
+        if union:
+            ious.append(inter / union)
+    return float(sum(ious) / max(len(ious), 1))
+
+
+def calibrate_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The temperature T minimising the held-out NLL of softmax(logits / T), by a log-spaced search."""
+    if len(y) == 0:
+        return 1.0
+    grid = torch.logspace(-1.5, 1.5, 61)
+    nll = torch.stack([F.cross_entropy(logits / t, y) for t in grid])
+    return float(grid[int(nll.argmin())])
+
+
+def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Train a head on a features artifact; the held-out split gives its metric and temperature."""
+    if cfg.kind not in KINDS:
+        raise UserError(f"unknown head kind {cfg.kind!r} (choose from {', '.join(KINDS)})")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError("--val-fraction must be in [0, 1)")
+    feats = load_features(cfg.features)
+    y, classes = _targets(feats, cfg.kind)
+    normalize = cfg.kind == "rejection"
+    x, spec = _inputs(feats, cfg, normalize)
+    n = len(y)
+    train_idx, val_idx = _split(n, cfg.val_fraction, cfg.seed)
+    in_channels = 3 if spec is None else sum(feats.taps[k].shape[1] for k in spec.keys())
+    head_cfg = HeadConfig(kind=cfg.kind, classes=classes, spec=spec.to_dict() if spec else None,
+                          in_channels=in_channels, image_size=int(feats.config["image_size"]), normalize=normalize,
+                          label=feats.config.get("label"), train=asdict(cfg))
+    torch.manual_seed(cfg.seed)  # head initialisation (the CLI process owns the global generator)
+    head = Head(head_cfg, PIXELS if spec is None else feats.fingerprint)
+
+    def batch_inputs(idx: torch.Tensor) -> torch.Tensor:
+        if cfg.kind == "segmentation":
+            return gather({k: feats.taps[k][idx] for k in spec.keys()}, spec.keys(), False)
+        return x[idx]
+
+    # 1. fit with Adam on random mini-batches of the training split
+    steps = cfg.steps or DEFAULT_STEPS[cfg.kind]
+    opt = torch.optim.AdamW(head.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head.train()
+    for step in range(steps):
+        idx = train_idx[torch.randint(0, len(train_idx), (min(cfg.batch, len(train_idx)),), generator=gen)]
+        loss = F.cross_entropy(head.net(batch_inputs(idx)), y[idx])  # per-pixel for segmentation
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and (step + 1) % 10 == 0:
+            progress(step + 1, steps, f"loss {loss.item():.3f}")
+
+    # 2. held-out metric and temperature
+    head.eval()
+    with torch.no_grad():
+        if len(val_idx):
+            logits = torch.cat([head.net(batch_inputs(val_idx[i:i + 64])) for i in range(0, len(val_idx), 64)])
+            head.cfg.temperature = calibrate_temperature(_flat(logits), _flat_y(y[val_idx]))
+            if cfg.kind == "segmentation":
+                head.cfg.metrics = {"val_miou": miou(logits.argmax(1), y[val_idx], len(classes))}
+            else:
+                head.cfg.metrics = {"val_accuracy": float((logits.argmax(1) == y[val_idx]).float().mean())}
+            head.cfg.metrics["val_nll"] = float(F.cross_entropy(_flat(logits) / head.cfg.temperature,
+                                                                _flat_y(y[val_idx])))
+        head.cfg.metrics.update({"train_images": len(train_idx), "val_images": len(val_idx)})
+    return save_head(cfg.out, head)
+
+
+def _flat(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K) or (N, K, H, W) -> (M, K) rows of class scores."""
+    return logits if logits.ndim == 2 else logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+
+
+def _flat_y(y: torch.Tensor) -> torch.Tensor:
+    return y.reshape(-1)
+
+
+def check_compatible(head: Head, fingerprint: str, model_path: str | Path | None) -> None:
+    """A head trained on one model's features must never guide another model."""
+    if head.reads_pixels:
+        return
+    artifacts.check_fingerprint(head.fingerprint, fingerprint, consumer=head.path or "the head",
+                                source=model_path or "the shipped model")
