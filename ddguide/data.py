@@ -1,9 +1,12 @@
-"""Reading what users already have: image folders (flat or class sub-folders), label files and masks."""
+"""Reading what users already have: image folders (flat or class sub-folders), label files and masks,
+Tiny ImageNet's layout and ddguide sample indexes."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -155,3 +158,155 @@ def _relative(path: Path, root: str | os.PathLike) -> str:
         return path.resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         return path.name
+
+
+# --- labelled image sets: class folders, Tiny ImageNet, sample indexes ----------------------------------------
+#
+# Every reader returns ``(files, labels, class_names)``: image paths, one class id per file (its position in
+# ``class_names``) and the sorted class names. Consumers match classes of different sets by name.
+
+Labelled = tuple[list[Path], list[int], list[str]]
+INDEX_FILE = "index.csv"
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Images under ``folder`` (recursively), sorted; the same filter as :func:`list_images`, without raising."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not p.name.startswith(".") and p.name != "grid.png")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _require_folder(root: Path) -> None:
+    if not root.exists():
+        raise UserError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise UserError(f"{root}: is not a folder")
+
+
+def class_folders(root: str | os.PathLike) -> Labelled:
+    """``root/<class>/**/*.png`` (or ``root/images/<class>/...`` as ``ddguide data shapes`` writes it);
+    classes are the sub-folder names in sorted order, as torchvision's ImageFolder numbers them."""
+    root = Path(root)
+    _require_folder(root)
+    base = root / "images" if (root / "images").is_dir() and _subfolders(root / "images") else root
+    classes = _subfolders(base)
+    if not classes and not _image_files(root):
+        raise UserError(f"{root}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if not classes:
+        hint = f" and its {INDEX_FILE} has no 'class' column" if (root / INDEX_FILE).is_file() else ""
+        raise UserError(f"{root}: no class sub-folders (expected {root}/<class>/*.png){hint}")
+    files, labels, empty = [], [], []
+    for label, folder in enumerate(classes):
+        found = _image_files(folder)
+        if not found:
+            empty.append(folder.name)
+        files += found
+        labels += [label] * len(found)
+    if empty:
+        raise UserError(f"{base}: class folder(s) without images: {', '.join(empty)}")
+    return files, labels, [c.name for c in classes]
+
+
+def _tiny_imagenet_root(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "val" / "val_annotations.txt").is_file()
+
+
+def _wnids(root: Path) -> list[str] | None:
+    """Tiny ImageNet's class ids from ``wnids.txt`` (sorted), or from the train folders, or None."""
+    if (root / "wnids.txt").is_file():
+        return sorted({line.strip() for line in (root / "wnids.txt").read_text().splitlines() if line.strip()})
+    if (root / "train").is_dir():
+        return [d.name for d in _subfolders(root / "train")]
+    return None
+
+
+def _tiny_imagenet_val(val: Path, class_names: list[str] | None) -> Labelled:
+    """``val/images/*.JPEG`` labelled by ``val/val_annotations.txt`` (tab-separated ``file wnid box...``)."""
+    annotations = val / "val_annotations.txt"
+    try:
+        rows = [line.split("\t") for line in annotations.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{annotations}: unreadable ({e.__class__.__name__})") from None
+    if not rows or any(len(r) < 2 for r in rows):
+        raise UserError(f"{annotations}: expected tab-separated lines 'file<TAB>wnid...'")
+    names = class_names or sorted({r[1] for r in rows})
+    unknown = sorted({r[1] for r in rows} - set(names))
+    if unknown:
+        raise UserError(f"{annotations}: classes not in wnids.txt: {', '.join(unknown[:5])}")
+    files = [val / "images" / r[0] for r in rows]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{annotations}: lists {len(missing)} missing file(s), e.g. {missing[0]}")
+    ids = {name: i for i, name in enumerate(names)}
+    return files, [ids[r[1]] for r in rows], names
+
+
+def tiny_imagenet(root: str | os.PathLike, split: str = "train") -> Labelled:
+    """Tiny ImageNet's own layout: ``train/<wnid>/images/*.JPEG`` and ``val/images`` + ``val_annotations.txt``.
+    Both splits number the classes the same way (sorted wnids); the test split has no labels."""
+    root = Path(root)
+    _require_folder(root)
+    if split == "train":
+        return class_folders(root / "train")
+    if split == "val":
+        return _tiny_imagenet_val(root / "val", _wnids(root))
+    raise UserError(f"Tiny ImageNet split {split!r} has no labels (use train or val)")
+
+
+def indexed_images(root: str | os.PathLike) -> Labelled:
+    """A folder with an ``index.csv`` holding ``file`` and ``class`` columns: ddguide samples or shapes data."""
+    root = Path(root)
+    index = root / INDEX_FILE
+    try:
+        with open(index, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"file", "class"} <= set(reader.fieldnames):
+                raise UserError(f"{index}: needs 'file' and 'class' columns")
+            rows = [(root / row["file"], row["class"]) for row in reader if row.get("file")]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{index}: unreadable index ({e.__class__.__name__})") from None
+    if not rows:
+        raise UserError(f"{index}: lists no images")
+    missing = [f for f, _ in rows if not f.is_file()]
+    if missing:
+        raise UserError(f"{index}: lists {len(missing)} missing file(s), e.g. {missing[0]}")
+    names = sorted({c for _, c in rows})
+    ids = {name: i for i, name in enumerate(names)}
+    return [f for f, _ in rows], [ids[c] for _, c in rows], names
+
+
+def _has_class_column(index: Path) -> bool:
+    try:
+        with open(index, newline="", encoding="utf-8") as f:
+            return "class" in (next(csv.reader(f), None) or [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return True  # let indexed_images report what is wrong with it
+
+
+def labelled_images(root: str | os.PathLike, split: str = "train") -> Labelled:
+    """Any labelled image set, by its layout: an ``index.csv`` with a ``class`` column, Tiny ImageNet's root
+    (``split`` picks train or val) or its ``val`` folder, else class sub-folders."""
+    root = Path(root)
+    _require_folder(root)
+    if (root / INDEX_FILE).is_file() and _has_class_column(root / INDEX_FILE):
+        return indexed_images(root)
+    if _tiny_imagenet_root(root):
+        return tiny_imagenet(root, split)
+    if (root / "val_annotations.txt").is_file():  # Tiny ImageNet's val/ folder itself
+        return _tiny_imagenet_val(root, _wnids(root.parent))
+    return class_folders(root)
+
+
+def load_images(files: list[Path], size: int, resize: str = "refuse",
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Images as one uint8 array (N, size, size, 3), filled in place (no second copy of a large set).
+    ``progress(done, total)`` is called every 1024 images only, so small sets that fail show no progress bar."""
+    out = np.empty((len(files), size, size, 3), np.uint8)
+    for i, f in enumerate(files):
+        out[i] = load_image(f, size, resize)
+        if progress and (i + 1) % 1024 == 0:
+            progress(i + 1, len(files))
+    return out
