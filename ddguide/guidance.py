@@ -223,7 +223,7 @@ def head_sampling(guides: Sequence[str], target: str | None, mask: str | None, l
     for text in guides:
         path, weight, own_target = parse_guide(text)
         head = load_head(path)
-        if head.cfg.kind == "segmentation":
+        if head.cfg.dense:
             if mask is None:
                 raise UserError(f"{path}: a segmentation head needs --mask PNG")
             m = torch.from_numpy(read_mask(mask))

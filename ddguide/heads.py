@@ -94,6 +94,22 @@ class PixelHead(ClassifierHead):
         super().__init__(3, classes, width)
 
 
+class PixelSegmentationHead(nn.Module):
+    """The DDIM-I baseline for masks: a small fully convolutional network on RGB pixels."""
+
+    def __init__(self, classes: int, width: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.GroupNorm(8, width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.GroupNorm(8, width), nn.SiLU(),
+            nn.Conv2d(width, classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (N, classes, H, W)
+
+
 @dataclass
 class HeadConfig:
     kind: str
@@ -102,6 +118,7 @@ class HeadConfig:
     in_channels: int
     image_size: int
     normalize: bool = False
+    dense: bool = False  # per-pixel predictions (masks) rather than one per image
     temperature: float = 1.0
     label: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -122,7 +139,7 @@ class Head(nn.Module):
         elif cfg.kind == "rejection":
             self.net = RejectionHead(cfg.in_channels, k)
         elif cfg.kind == "pixel":
-            self.net = PixelHead(k)
+            self.net = PixelSegmentationHead(k) if cfg.dense else PixelHead(k)
         else:
             raise UserError(f"unknown head kind {cfg.kind!r} (choose from {', '.join(KINDS)})")
         self.spec = FeatureSpec.from_dict(cfg.spec) if cfg.spec else None
@@ -185,7 +202,7 @@ def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _targets(feats: Features, kind: str) -> tuple[torch.Tensor, list[str]]:
-    if kind == "segmentation":
+    if kind == "segmentation" or (kind == "pixel" and feats.labels is None and feats.masks is not None):
         if feats.masks is None:
             raise UserError(f"{feats.path}: a segmentation head needs masks (extract with --masks DIR)")
         return feats.masks, [str(i) for i in range(int(feats.config.get("mask_classes", feats.masks.max() + 1)))]
@@ -244,8 +261,10 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
     n = len(y)
     train_idx, val_idx = _split(n, cfg.val_fraction, cfg.seed)
     in_channels = 3 if spec is None else sum(feats.taps[k].shape[1] for k in spec.keys())
+    dense = y.ndim == 3  # (N, H, W) masks
     head_cfg = HeadConfig(kind=cfg.kind, classes=classes, spec=spec.to_dict() if spec else None,
                           in_channels=in_channels, image_size=int(feats.config["image_size"]), normalize=normalize,
+                          dense=dense,
                           label=feats.config.get("label"), train=asdict(cfg))
     torch.manual_seed(cfg.seed)  # head initialisation (the CLI process owns the global generator)
     head = Head(head_cfg, PIXELS if spec is None else feats.fingerprint)
@@ -275,7 +294,7 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
         if len(val_idx):
             logits = torch.cat([head.net(batch_inputs(val_idx[i:i + 64])) for i in range(0, len(val_idx), 64)])
             head.cfg.temperature = calibrate_temperature(_flat(logits), _flat_y(y[val_idx]))
-            if cfg.kind == "segmentation":
+            if dense:
                 head.cfg.metrics = {"val_miou": miou(logits.argmax(1), y[val_idx], len(classes))}
             else:
                 head.cfg.metrics = {"val_accuracy": float((logits.argmax(1) == y[val_idx]).float().mean())}

@@ -169,6 +169,12 @@ def test_segmentation_pipeline(workdir, tiny_model_path, tmp_path):
     ok(run("sample", "--model", tiny_model_path, "--guide", head, "--mask", workdir / "masks" / "im001.png",
            "--lambda", "0.01", "--n", 2, "--steps", 4, "--device", "cpu", "--out", tmp_path / "s"))
     assert len((tmp_path / "s" / "index.csv").read_text().splitlines()) == 3
+    # the DDIM-I baseline for masks: a fully convolutional head on pixels, guided the same way
+    ok(run("train-head", feats, "--kind", "pixel", "--out", tmp_path / "px.safetensors", "--steps", 20))
+    assert load_head(tmp_path / "px.safetensors").cfg.dense
+    ok(run("sample", "--model", tiny_model_path, "--guide", tmp_path / "px.safetensors", "--mask",
+           workdir / "masks" / "im001.png", "--lambda", "0.01", "--n", 1, "--steps", 3, "--device", "cpu",
+           "--out", tmp_path / "p"))
 
 
 def test_pixel_and_rejection_heads_train(workdir, tmp_path):
