@@ -108,7 +108,8 @@ def class_sampling(classes: Sequence[str] | None, w: float | None, precision: st
 
 @dataclass
 class Guide:
-    """One expert of the product: a head, its weight, and the target (a class index or an (H, W) mask)."""
+    """One expert of the product: a head, its weight, and the target (a class index, an (H, W) mask, or one
+    mask per image (N, H, W))."""
 
     head: Head
     weight: float
@@ -142,8 +143,9 @@ def log_likelihood(model: Model, guides: Sequence[Guide], x0: torch.Tensor, indi
     for g in guides:
         logits = g.head(x0 if g.head.reads_pixels else g.head.inputs({k: v.float() for k, v in taps.items()}))
         logp = F.log_softmax(logits.float(), dim=1)
-        if isinstance(g.target, torch.Tensor):  # (H, W) mask: sum of per-pixel log-probabilities
-            index = g.target.to(x0.device).expand(len(x0), 1, *g.target.shape)
+        if isinstance(g.target, torch.Tensor):  # (H, W) or per-image (N, H, W) masks
+            mask = g.target.to(x0.device)
+            index = (mask.expand(len(x0), *mask.shape[-2:]) if mask.ndim == 2 else mask).unsqueeze(1)
             per_image = logp.gather(1, index).sum(dim=(1, 2, 3))
             probs.append((logp.argmax(1) == index[:, 0]).float().mean(dim=(1, 2)))  # pixel agreement
         else:
