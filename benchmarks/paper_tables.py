@@ -1,0 +1,247 @@
+"""Analogs of the paper's Tables 1 and 2 on the shapes domain, and the cost of guidance, measured side by side.
+
+    python benchmarks/paper_tables.py --table 1 --seeds 0 1 2      # attributes, 50+50 labels
+    python benchmarks/paper_tables.py --table 2 --seeds 0 1 2      # 20 masks, 10 and 50 steps
+    python benchmarks/paper_tables.py --table cost                 # guided step / unguided step, extraction
+
+Quality is judged by the shapes oracle (exact labels for generated images); FD is the Fréchet distance on the
+shipped model's pooled ``mid`` features (``ddguide fid --features denoiser``) between the samples and 1000 real
+images. Every figure is mean ± std over the seeds; each seed draws its own labelled set, heads and samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddguide import oracles
+from ddguide.data import list_images, read_mask, to_tensor, to_uint8
+from ddguide.features import ExtractConfig, FeatureSpec, compute, extract
+from ddguide.fid import DenoiserFeatures, compute_stats, frechet_distance
+from ddguide.generate import draw, plain_denoiser, timesteps_for
+from ddguide.guidance import Guide, head_guidance
+from ddguide.heads import TrainHeadConfig, load_head, train_head
+from ddguide.models import load_model
+from ddguide.shapes import MASK_CLASSES, ShapesConfig
+from ddguide.shapes import generate as generate_shapes
+
+ATTRIBUTES = ("has_circle", "multiple_objects", "main_left", "has_red")
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+class Workspace:
+    """Temporary data shared by the runs: a labelled pool per seed and real reference statistics."""
+
+    def __init__(self, root: Path, model_path: str | None):
+        self.root, self.model_path = root, model_path
+        self.model = load_model(model_path)
+        real = root / "real"
+        generate_shapes(real, ShapesConfig(n=1000, seed=12345, split="test"))
+        self.fd_features = DenoiserFeatures(self.model, torch.device("cpu"))
+        self.real_stats = compute_stats(list_images(real / "images"), self.fd_features, batch=100)
+
+    def pool(self, seed: int, n: int = 600) -> Path:
+        folder = self.root / f"pool{seed}"
+        if not folder.exists():
+            generate_shapes(folder, ShapesConfig(n=n, seed=seed, split="val"))
+        return folder
+
+    def fd(self, images: np.ndarray) -> float:
+        stats = compute_stats(to_tensor(images), self.fd_features, batch=100)
+        return frechet_distance(stats.mu, stats.sigma, self.real_stats.mu, self.real_stats.sigma)
+
+
+def labelled(pool: Path, attribute: str, per_side: int, dest: Path) -> tuple[Path, Path]:
+    rows = list(csv.DictReader(open(pool / "attributes.csv")))
+    dest.mkdir(parents=True, exist_ok=True)
+    lines = [f"file,{attribute}"]
+    for value in ("1", "0"):
+        for r in [r for r in rows if r[attribute] == value][:per_side]:
+            shutil.copyfile(pool / r["file"], dest / Path(r["file"]).name)
+            lines.append(f"{Path(r['file']).name},{value}")
+    (dest.parent / "labels.csv").write_text("\n".join(lines) + "\n")
+    return dest, dest.parent / "labels.csv"
+
+
+def sample(ws: Workspace, guide: Path | None, lam: float, grad: str, n: int, steps: int, seed: int,
+           target: int | torch.Tensor = 1) -> np.ndarray:
+    """n images (uint8) drawn with seeds 1000*seed + k, guided by one head towards ``target``."""
+    model = ws.model.requires_grad_(False)
+    indices = [1000 * seed + k for k in range(n)]
+    if guide is None:
+        denoiser = plain_denoiser(model, torch.device("cpu"), "fp32")
+    else:
+        denoiser = head_guidance(model, [Guide(load_head(guide), 1.0, target)], lam, indices, grad=grad)
+    return to_uint8(draw(model, denoiser, indices, 0, timesteps_for(model, steps, "ddim")))
+
+
+# ------------------------------------------------------------------------------------------------ Table 1
+
+
+def table1(ws: Workspace, seeds: list[int], n: int, steps: int, lam: float, pixel_lam: float) -> None:
+    print(f"\nTable 1 analog: attributes, 50+50 labels, {n} samples per run, DDIM {steps} steps, "
+          f"lambda {lam} (pixel head {pixel_lam}); oracle share with the attribute (higher is better), FD")
+    methods = ("unguided", "ours (full)", "ours (x0)", "DDIM-I (pixels)")
+    print(f"{'attribute':<18}{'base':>6}  " + "".join(f"{m:>26}" for m in methods))
+    for attribute in ATTRIBUTES:
+        acc: dict[str, list[float]] = {m: [] for m in methods}
+        fds: dict[str, list[float]] = {m: [] for m in methods}
+        heads_acc = []
+        for seed in seeds:
+            run = ws.root / f"t1-{attribute}-{seed}"
+            folder, table = labelled(ws.pool(seed), attribute, 50, run / "labelled")
+            feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
+                                          blocks=("mid", "out.2"), timesteps=(700,), labels=str(table),
+                                          label=attribute, device="cpu"))
+            head = train_head(TrainHeadConfig(str(feats), str(run / "head.safetensors"), seed=seed))
+            pixel = train_head(TrainHeadConfig(str(feats), str(run / "pixel.safetensors"), kind="pixel", seed=seed))
+            heads_acc.append(load_head(head).cfg.metrics["val_accuracy"])
+            runs = {"unguided": (None, 0.0, "x0"), "ours (full)": (head, lam, "full"), "ours (x0)": (head, lam, "x0"),
+                    "DDIM-I (pixels)": (pixel, pixel_lam, "full")}
+            for method, (guide, scale, grad) in runs.items():
+                images = sample(ws, guide, scale, grad, n, steps, seed)
+                acc[method].append(float(oracles.predict_attributes(images)[attribute].mean()))
+                fds[method].append(ws.fd(images))
+        base = np.mean([r[attribute] == "1" for r in csv.DictReader(open(ws.pool(seeds[0]) / "attributes.csv"))])
+        print(f"{attribute:<18}{base:>6.2f}  " + "".join(f"{mean_std(acc[m]):>26}" for m in methods))
+        print(f"{'  FD':<18}{'':>6}  " + "".join(f"{mean_std(fds[m]):>26}" for m in methods))
+        print(f"{'  head val acc':<18}{'':>6}  {mean_std(heads_acc):>26}")
+
+
+# ------------------------------------------------------------------------------------------------ Table 2
+
+
+def table2(ws: Workspace, seeds: list[int], n: int, lam: float, pixel_lam: float) -> None:
+    print(f"\nTable 2 analog: 20 training masks, {n} target masks per run, lambda {lam} (pixel head "
+          f"{pixel_lam}); oracle mIoU between the target mask and the sample (higher is better), FD")
+    methods = ("unguided", "ours", "DDIM-I (pixels)")
+    print(f"{'steps':<8}" + "".join(f"{m:>26}" for m in methods))
+    for steps in (10, 50):
+        mious: dict[str, list[float]] = {m: [] for m in methods}
+        fds: dict[str, list[float]] = {m: [] for m in methods}
+        for seed in seeds:
+            run = ws.root / f"t2-{seed}"
+            pool = ws.pool(seed)
+            train_dir = run / "train"
+            if not (run / "seg.safetensors").exists():
+                train_dir.mkdir(parents=True)
+                for f in sorted((pool / "images").rglob("*.png"))[:20]:
+                    shutil.copyfile(f, train_dir / f.name)
+                feats = extract(ExtractConfig(data=str(train_dir), out=str(run / "f.safetensors"),
+                                              model=ws.model_path, blocks=("out.5", "out.8"), timesteps=(500,),
+                                              masks=str(pool / "masks"), device="cpu"))
+                train_head(TrainHeadConfig(str(feats), str(run / "seg.safetensors"), kind="segmentation", seed=seed))
+                train_head(TrainHeadConfig(str(feats), str(run / "pixel.safetensors"), kind="pixel", seed=seed))
+            targets = sorted((pool / "masks").glob("*.png"))[100:100 + n]
+            for method, guide, scale in (("unguided", None, 0.0), ("ours", run / "seg.safetensors", lam),
+                                         ("DDIM-I (pixels)", run / "pixel.safetensors", pixel_lam)):
+                wanted = torch.stack([torch.from_numpy(read_mask(f)) for f in targets])  # (n, H, W)
+                images = sample(ws, guide, scale, "full", len(targets), steps, seed, wanted)
+                pred = oracles.predict_masks(images)
+                classes = len(MASK_CLASSES)
+                mious[method].append(float(np.mean([oracles.miou(p[None], w[None].numpy(), classes)
+                                                    for p, w in zip(pred, wanted)])))
+                fds[method].append(ws.fd(images))
+        print(f"{steps:<8}" + "".join(f"{mean_std(mious[m]):>26}" for m in methods))
+        print(f"{'  FD':<8}" + "".join(f"{mean_std(fds[m]):>26}" for m in methods))
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def cost(ws: Workspace, batch: int) -> None:
+    """Seconds per step, guided over unguided, measured in one process on the same inputs."""
+    model = ws.model.requires_grad_(False)
+    run = ws.root / "cost"
+    folder, table = labelled(ws.pool(0), "has_circle", 16, run / "labelled")
+    feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
+                                  blocks=("mid", "out.2"), timesteps=(700,), labels=str(table), label="has_circle",
+                                  device="cpu"))
+    head = load_head(train_head(TrainHeadConfig(str(feats), str(run / "h.safetensors"), steps=10)))
+    guides = [Guide(head, 1.0, 1)]
+    x = torch.randn(batch, 3, model.image_size, model.image_size)
+    t = torch.full((batch,), 500)
+    indices = list(range(batch))
+
+    def unguided() -> None:
+        with torch.no_grad():
+            model(x, t)
+
+    def paper_structure() -> None:
+        """The reference code's structure: a full U-Net pass for eps and a second full pass for the features,
+        with the backward through both."""
+        x_in = x.detach().requires_grad_(True)
+        eps = model(x_in, t)
+        x0 = ((x_in - (1 - model.abar[500]).sqrt().float() * eps) / model.abar[500].sqrt().float()).clamp(-1, 1)
+        taps = {}
+        hooks = [model.net.middle_block.register_forward_hook(lambda m, i, o: taps.__setitem__("mid", o)),
+                 model.net.output_blocks[2].register_forward_hook(lambda m, i, o: taps.__setitem__("out.2", o))]
+        model(x0, torch.full((batch,), 700))
+        for h in hooks:
+            h.remove()
+        logits = head(head.inputs({"feat.mid@700": taps["mid"], "feat.out.2@700": taps["out.2"]}))
+        torch.autograd.grad(torch.log_softmax(logits, 1)[:, 1].sum(), x_in)
+
+    full = head_guidance(model, guides, 1.0, indices, grad="full")
+    x0_mode = head_guidance(model, guides, 1.0, indices, grad="x0")
+    base = best_of(unguided)
+    print(f"\nCost of one sampling step, batch {batch}, {torch.get_num_threads()} threads "
+          f"(median of 5, unguided = {base * 1000:.1f} ms)")
+    for name, fn in (("ours, --guide-grad x0", lambda: x0_mode(x, t)), ("ours, --guide-grad full", lambda: full(x, t)),
+                     ("paper's structure (2 full passes + backward)", paper_structure)):
+        print(f"  {name:<46}{best_of(fn) / base:>6.2f}x")
+
+    spec = FeatureSpec(("mid",), (300, 800))
+    batched = best_of(lambda: compute(model, x, spec, indices))
+    separate = best_of(lambda: [model(x, torch.full((batch,), s)) for s in (300, 800)])
+    print(f"  extract mid at T=300,800 (one truncated batched pass) vs two full forward passes: "
+          f"{separate / batched:.2f}x faster")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", choices=("1", "2", "cost", "all"), default="all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", default=None, help="model artifact (default: the shipped model)")
+    parser.add_argument("--n", type=int, default=32, help="samples per run (Table 1) / target masks (Table 2)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--lam", type=float, default=10.0, help="lambda for attribute heads")
+    parser.add_argument("--pixel-lam", type=float, default=10.0, help="lambda for the DDIM-I pixel head")
+    parser.add_argument("--mask-lam", type=float, default=0.05)
+    parser.add_argument("--batch", type=int, default=16, help="batch of the cost measurement")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp), args.model)
+        if args.table in ("cost", "all"):
+            cost(ws, args.batch)
+        if args.table in ("1", "all"):
+            table1(ws, args.seeds, args.n, args.steps, args.lam, args.pixel_lam)
+        if args.table in ("2", "all"):
+            table2(ws, args.seeds, min(args.n, 16), args.mask_lam, args.mask_lam)
+
+
+if __name__ == "__main__":
+    main()
