@@ -190,14 +190,19 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
     resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        help="Start from this model artifact's weights (same preset), e.g. to train the shipped model further.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Train an unconditional diffusion model; rerun the same command to resume after a stop."""
+    """Train an unconditional diffusion model; rerun the same command to resume after a stop.
+
+    Rerunning with a smaller --steps than the checkpoint has reached writes the model from that checkpoint."""
     from ddguide.train import TrainConfig, train as run
 
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
                       grad_clip=grad_clip, schedule=schedule, precision=precision, seed=seed,
-                      checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads)
+                      checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads,
+                      init=str(init) if init else None)
     with progress_bar("training") as bar:
 
         def report(p: dict[str, Any]) -> None:

@@ -43,11 +43,13 @@ class TrainConfig:
     device: str = "auto"
     resize: str = "refuse"
     threads: int | None = None
+    init: str | None = None  # start from this model artifact's weights (a fresh optimiser)
 
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree with to be resumed (not the step count or the device)."""
-        keep = ("data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        keep = ("data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed", "init")
+        # `init` joined later: leaving it out when unset keeps older checkpoints resumable
+        return {k: v for k, v in asdict(self).items() if k in keep and not (k == "init" and v is None)}
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -85,6 +87,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=init)))
         net = UNetModel(preset.unet)
+    if cfg.init:
+        _warm_start(net, cfg.init)
     net.to(device)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -116,10 +120,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
         state.losses.append(loss.item())
 
         # 3. report and checkpoint
-        if progress and (state.step % 10 == 0 or state.step == cfg.steps):
+        if progress:
             now = time.time()
             progress({"step": state.step, "steps": cfg.steps, "loss": float(np.mean(state.losses[-50:])),
-                      "images_per_s": 10 * cfg.batch / max(now - t_last, 1e-9)})
+                      "images_per_s": cfg.batch / max(now - t_last, 1e-9)})
             t_last = now
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             _save_checkpoint(ckpt, cfg, net, ema, opt, torch_gen, state)
@@ -130,6 +134,14 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     save_model(cfg.out, model, state_dict=ema)
     write_loss_curve(Path(cfg.out).with_suffix(".loss.png"), state.losses)
     return Path(cfg.out)
+
+
+def _warm_start(net: UNetModel, path: str) -> None:
+    """Continue from a model artifact of the same architecture (e.g. the shipped model) with a new optimiser."""
+    art = artifacts.load(path, "model")
+    if art.config.get("unet") != net.cfg.to_dict():
+        raise UserError(f"{path}: --init needs a model of the same architecture as preset {net.cfg}")
+    net.load_state_dict(art.tensors)
 
 
 def _ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float, step: int) -> None:

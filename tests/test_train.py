@@ -1,0 +1,101 @@
+"""`ddguide train` on a tiny model: artifact contents, resume after a kill, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from ddguide import artifacts
+from ddguide.cli import app
+from ddguide.train import TrainConfig, checkpoint_path, train
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def cfg(images, out, **kw):
+    return TrainConfig(data=str(images), out=str(out), preset="tiny", steps=6, batch=4, checkpoint_every=2,
+                       precision="fp32", device="cpu", **kw)
+
+
+def test_training_writes_ema_weights_config_and_loss_curve(images, tmp_path):
+    out = tmp_path / "m.safetensors"
+    train(cfg(images, out))
+    art = artifacts.load(out, "model")
+    assert art.config["preset"] == "tiny" and art.config["trained_steps"] == 6
+    assert art.config["train"]["batch"] == 4 and art.fingerprint == artifacts.fingerprint(art.tensors)
+    assert (tmp_path / "m.loss.png").is_file() and checkpoint_path(out).is_file()
+
+
+def test_a_killed_run_resumes_to_the_same_weights(images, tmp_path):
+    whole, killed = tmp_path / "whole.safetensors", tmp_path / "killed.safetensors"
+    train(cfg(images, whole))
+
+    def kill_at_5(p):
+        if p["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(images, killed), progress=kill_at_5)
+    assert not killed.exists()
+    assert artifacts.load(checkpoint_path(killed), "checkpoint").config["step"] == 4
+    steps = []
+    train(cfg(images, killed), progress=lambda p: steps.append(p["step"]))
+    assert steps == [5, 6]  # continued from the checkpoint at step 4
+    a, b = artifacts.load(whole, "model").tensors, artifacts.load(killed, "model").tensors
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_checkpoint_of_another_run_is_refused(images, tmp_path):
+    out = tmp_path / "m.safetensors"
+    train(cfg(images, out))
+    r = CliRunner().invoke(app, ["train", str(images), "--out", str(out), "--preset", "tiny", "--steps", "8",
+                                 "--batch", "4", "--lr", "1e-3", "--device", "cpu"])
+    assert r.exit_code == 2 and "different training run" in r.output
+
+
+def test_init_starts_from_a_model(images, tmp_path):
+    first = tmp_path / "first.safetensors"
+    train(cfg(images, first))
+    train(cfg(images, tmp_path / "second.safetensors", init=str(first)))
+    assert artifacts.load(tmp_path / "second.safetensors", "model").config["train"]["init"] == str(first)
+
+
+def _train_cli(folder, tmp_path, *extra):
+    return CliRunner().invoke(app, ["train", str(folder), "--out", str(tmp_path / "m.safetensors"), "--preset",
+                                    "tiny", "--steps", "1", "--batch", "2", "--device", "cpu", *extra])
+
+
+def one_line_error(r, fragment):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert fragment in r.output
+
+
+def test_bad_training_data(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(_train_cli(empty, tmp_path), "holds no images")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(broken / "a.png")
+    (broken / "b.png").write_bytes((broken / "a.png").read_bytes()[:40])  # truncated
+    one_line_error(_train_cli(broken, tmp_path), "not a readable image")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(mixed / "a.png")
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(mixed / "b.png")
+    one_line_error(_train_cli(mixed, tmp_path), "--resize")
+    assert not (tmp_path / "m.safetensors").exists()  # nothing written by the refused runs
+    assert _train_cli(mixed, tmp_path, "--resize", "center-crop").exit_code == 0
+    assert (tmp_path / "m.safetensors").is_file()
