@@ -1,0 +1,72 @@
+"""Quality of an unconditional shapes model, judged by the oracle: the figures of the README's model card.
+
+    python benchmarks/model_card.py [--model M] [--n 512] [--steps 50] [--grid docs/shapes32-samples.png]
+
+Prints the share of samples the oracle recognises as valid images of the domain, and the attribute and class
+frequencies of the valid samples next to those of real data (1000 held-out images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddguide import oracles
+from ddguide.data import list_images, load_image, to_uint8
+from ddguide.generate import draw, plain_denoiser, timesteps_for, write_grid
+from ddguide.models import load_model
+from ddguide.shapes import ATTRIBUTES, CLASS_NAMES, ShapesConfig
+from ddguide.shapes import generate as generate_shapes
+
+
+def sample_images(model_path: str | None, n: int, steps: int, sampler: str, batch: int = 64) -> np.ndarray:
+    model = load_model(model_path)
+    denoiser = plain_denoiser(model, torch.device("cpu"), "fp32")
+    kept = timesteps_for(model, steps, sampler)
+    parts = []
+    for first in range(0, n, batch):
+        indices = list(range(first, min(first + batch, n)))
+        parts.append(to_uint8(draw(model, denoiser, indices, 0, kept, sampler)))
+    return np.concatenate(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    parser.add_argument("--grid", type=Path, default=None, help="write the first 64 samples here")
+    args = parser.parse_args()
+
+    samples = sample_images(args.model, args.n, args.steps, args.sampler)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_shapes(Path(tmp), ShapesConfig(n=1000, seed=777, split="test"))
+        real = np.stack([load_image(f) for f in list_images(Path(tmp) / "images")])
+
+    valid = oracles.is_valid(samples)
+    print(f"{args.n} samples, {args.sampler} {args.steps} steps: {valid.mean():.1%} recognised as valid by the oracle")
+    if args.grid:
+        write_grid(args.grid, list(samples[:64]), columns=8)
+        print(f"grid of the first 64 samples: {args.grid}")
+    good = samples[valid]
+    if len(good) == 0:
+        return
+    ours, theirs = oracles.predict_attributes(good), oracles.predict_attributes(real)
+    print(f"\n{'attribute':<20}{'valid samples':>14}{'real data':>11}")
+    for name in ATTRIBUTES:
+        print(f"{name:<20}{ours[name].mean():>14.3f}{theirs[name].mean():>11.3f}")
+    ours_c = np.bincount(oracles.predict_classes(good), minlength=len(CLASS_NAMES)) / len(good)
+    real_c = np.bincount(oracles.predict_classes(real), minlength=len(CLASS_NAMES)) / len(real)
+    print(f"\n{'class':<20}{'valid samples':>14}{'real data':>11}")
+    for name, a, b in zip(CLASS_NAMES, ours_c, real_c):
+        print(f"{name:<20}{a:>14.3f}{b:>11.3f}")
+    print(f"\ntotal variation distance between the class distributions: {0.5 * np.abs(ours_c - real_c).sum():.3f}")
+
+
+if __name__ == "__main__":
+    main()
