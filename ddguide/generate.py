@@ -10,7 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,8 +42,7 @@ class SampleConfig:
     batch: int = 16
     device: str = "auto"
     precision: str = "fp32"
-    start: int = 0  # first image index (sharding)
-    extra_columns: dict[str, Any] = field(default_factory=dict)
+    start: int = 0  # first image index
 
     def validate(self) -> None:
         if self.n < 1 or self.batch < 1 or self.steps < 1:
@@ -104,17 +104,17 @@ def write_grid(path: Path, images: Sequence[np.ndarray], columns: int | None = N
     write_png(path, grid)
 
 
-def write_index(folder: Path, rows: list[dict[str, Any]]) -> Path:
+def write_index(folder: Path, rows: list[dict[str, Any]], name: str = INDEX) -> Path:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return artifacts.atomic_write_text(folder / INDEX, buf.getvalue())
+    return artifacts.atomic_write_text(folder / name, buf.getvalue())
 
 
-def read_index(folder: str | Path) -> list[dict[str, str]]:
-    path = Path(folder) / INDEX
+def read_index(folder: str | Path, name: str = INDEX) -> list[dict[str, str]]:
+    path = Path(folder) / name
     if not path.is_file():
         raise UserError(f"{folder}: no {INDEX} (not a ddguide samples folder)")
     with open(path, newline="") as f:
@@ -146,20 +146,46 @@ def generate(cfg: SampleConfig, plan: Plan | None = None,
     steps = timesteps_for(model, cfg.steps, cfg.sampler)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = process_shard()
+    mine = list(range(cfg.start, cfg.start + cfg.n))[rank::world]  # image k is the same on any shard
     rows, kept = [], []
-    total = cfg.n * len(steps)
-    for first in range(cfg.start, cfg.start + cfg.n, cfg.batch):
-        indices = list(range(first, min(first + cfg.batch, cfg.start + cfg.n)))
-        done = (first - cfg.start) * len(steps)
-        cb = (lambda i, _k, d=done, b=len(indices): progress(d + i * b, total)) if progress else None
+    total = len(mine) * len(steps)
+    for first in range(0, len(mine), cfg.batch):
+        indices = mine[first:first + cfg.batch]
+        cb = (lambda i, _k, d=first * len(steps), b=len(indices): progress(d + i * b, total)) if progress else None
         x = draw(model, plan.denoiser_for(model, indices), indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
         extra = plan.row_info(model, x, indices) if plan.row_info else [{} for _ in indices]
         for k, image, more in zip(indices, to_uint8(x), extra):
             name = f"{k:06d}.png"
             write_png(out / name, image)
-            rows.append({"file": name, "index": k, "seed": cfg.seed + k, **cfg.extra_columns, **more})
+            rows.append({"file": name, "index": k, "seed": cfg.seed + k, **more})
             if len(kept) < 64:
                 kept.append(image)
-    write_index(out, rows)
-    write_grid(out / "grid.png", kept)
+    if world == 1:
+        write_index(out, rows)
+        write_grid(out / "grid.png", kept)
+    else:
+        write_index(out, rows, name=f"index.part{rank}of{world}.csv")
+        merge_shards(out, world)
     return out
+
+
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) of this process under ``torchrun`` (which sets RANK and WORLD_SIZE), else (0, 1)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
+def merge_shards(out: Path, world: int) -> bool:
+    """Once every shard has written its part, join the parts into index.csv and draw the grid. Any shard may
+    do it (the result is the same, and writes are atomic), so no barrier between processes is needed."""
+    parts = [out / f"index.part{r}of{world}.csv" for r in range(world)]
+    if not all(p.is_file() for p in parts):
+        return False
+    rows = sorted((row for p in parts for row in read_index(out, p.name)), key=lambda r: int(r["index"]))
+    write_index(out, rows)
+    images = [np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rows[:64]]
+    write_grid(out / "grid.png", images)
+    return True

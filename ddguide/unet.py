@@ -13,7 +13,7 @@ Feature taps name blocks ``in.<i>`` (``input_blocks[i]``), ``mid`` (``middle_blo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 import torch

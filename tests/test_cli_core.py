@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -127,3 +126,18 @@ def test_pytorch_checkpoint_given_as_model_says_convert(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(1)}, ckpt)
     assert_user_error(run("sample", "--model", ckpt, "--out", tmp_path / "o", "--device", "cpu"), "ddguide convert")
+
+
+def test_torchrun_shards_give_the_same_images(tiny_model_path, tmp_path, monkeypatch):
+    args = ["sample", "--model", tiny_model_path, "--n", 5, "--steps", 3, "--batch", 2, "--device", "cpu"]
+    assert run(*args, "--out", tmp_path / "one").exit_code == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        r = run(*args, "--out", tmp_path / "two")
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "one" / "index.csv").read_text() == (tmp_path / "two" / "index.csv").read_text()
+    for k in range(5):
+        a = np.asarray(Image.open(tmp_path / "one" / f"{k:06d}.png"))
+        b = np.asarray(Image.open(tmp_path / "two" / f"{k:06d}.png"))
+        assert np.array_equal(a, b)
