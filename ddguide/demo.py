@@ -95,7 +95,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
     # 1. a labelled few-shot set: 50 + 50 images from the procedural domain, at the model's image size
     size = load_model(cfg.model).image_size
     pool = out / f"pool-{size}px-seed{cfg.seed}"
-    if not (pool / "attributes.csv").exists():
+    if not (pool / "dataset.json").exists():  # written last: a pool without it is an interrupted one
+        shutil.rmtree(pool, ignore_errors=True)
         generate_shapes(pool, ShapesConfig(n=8 * cfg.labels, size=size, seed=cfg.seed, split="val"),
                         progress=report("data"))
     folder, table = labelled_subset(pool, cfg.attribute, cfg.labels)
