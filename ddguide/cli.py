@@ -151,16 +151,32 @@ def sample(
         help="full: differentiate through the denoiser (paper); x0: hold eps constant (cheaper).")] = "full",
     guide_window: Annotated[Optional[tuple[int, int]], typer.Option(
         help="Guide only while LO <= t <= HI (schedule indices), given as HI LO.")] = None,
+    reject: Annotated[Optional[Path], typer.Option(
+        help="Rejection head (on the unconditional model's features): keep drawing until --n images of each "
+             "class are accepted.")] = None,
+    threshold: Annotated[float, typer.Option(help="Accept a sample when the rejection head's p(class) >= this.")] = 0.2,
+    reject_model: Annotated[Optional[Path], typer.Option(
+        help="The unconditional model the rejection head reads (default: the shipped model).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
 ) -> None:
-    """Sample images: unconditional, guided by heads (--guide), or class-conditional (--class, --cfg)."""
+    """Sample images: unconditional, guided by heads (--guide), or class-conditional (--class, --cfg, --reject)."""
     from ddguide.generate import SampleConfig, generate
     from ddguide.guidance import class_sampling, head_sampling
 
     cfg = SampleConfig(out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler,
                        eta=eta, seed=seed, batch=batch, device=device, precision=precision)
     cfg.validate()
+    if reject:
+        from ddguide.filter import RejectionSampling, sample_with_rejection
+
+        rs = RejectionSampling(str(reject), threshold, str(reject_model) if reject_model else None,
+                               list(class_ or ["all"]), cfg_scale)
+        with progress_bar("accepted") as bar:
+            result = sample_with_rejection(cfg, rs, progress=bar.update)
+        _acceptance_table(result)
+        out_console.print(f"wrote {result.kept} accepted images, index.csv and grid.png to {out}")
+        return
     if guide and class_:
         raise UserError("--guide and --class cannot be combined yet")
     plan = (head_sampling(guide or [], target, str(mask) if mask else None, lam, guide_grad, guide_window, precision)
@@ -339,6 +355,38 @@ def demo(
     out_console.print(table)
     out_console.print(f"head accuracy on held-out labels {result.head_accuracy:.2f}; grid (top: unguided, bottom: "
                       f"guided, same seeds): {result.grid}")
+
+
+@app.command("filter")
+@handle_errors
+def filter_command(
+    folder: Annotated[Path, typer.Argument(help="Samples folder with an index.csv holding a class column.")],
+    head: Annotated[Path, typer.Option(help="Rejection head (train-head --kind rejection).")],
+    out: Annotated[Path, typer.Option(help="Folder for the accepted samples.")],
+    threshold: Annotated[float, typer.Option(help="Keep a sample when p(its class) >= this (paper: 0.2).")] = 0.2,
+    model: Annotated[Optional[Path], typer.Option(
+        help="The unconditional model the head reads (default: the shipped model).")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Keep the samples that a rejection head on the unconditional model's features accepts."""
+    from ddguide.filter import FilterConfig, filter_folder
+
+    refuse_existing(out)
+    with progress_bar("filtering") as bar:
+        result = filter_folder(FilterConfig(str(folder), str(head), str(out), threshold,
+                                            str(model) if model else None, batch, device), progress=bar.update)
+    _acceptance_table(result)
+    out_console.print(f"kept {result.kept} of {result.total} samples in {out}")
+
+
+def _acceptance_table(result: Any) -> None:
+    table = Table(title="acceptance per class")
+    for column in ("class", "accepted", "drawn", "rate"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, (kept, seen) in result.per_class.items():
+        table.add_row(str(name), str(kept), str(seen), f"{kept / max(seen, 1):.2f}")
+    out_console.print(table)
 
 
 # ----------------------------------------------------------------------------------------------- info
