@@ -77,9 +77,12 @@ class progress_bar:
     def __enter__(self) -> "progress_bar":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any = None, *_: Any) -> None:
         if self.bar is not None:
+            if exc_type is not None:  # an error leaves its one line, not a half-filled bar
+                self.bar.live.transient = True
             self.bar.stop()
+            self.bar = None
 
 
 def refuse_existing(path: Path, what: str = "output") -> None:
