@@ -336,20 +336,8 @@ def demo(
 
     cfg = DemoConfig(out=str(out), attribute=attribute, lam=lam, steps=steps, n=n, labels=labels, grad=guide_grad,
                      seed=seed, model=str(model) if model else None, device=device, precision=precision)
-    bars: dict[str, progress_bar] = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if stage not in bars:
-            for bar in bars.values():
-                bar.__exit__(None)
-            bars[stage] = progress_bar(stage)
-        bars[stage].update(done, total)
-
-    try:
-        result = run_demo(cfg, progress=report)
-    finally:
-        for bar in bars.values():
-            bar.__exit__(None)
+    with progress_bar("demo") as bar:  # one bar; its text names the stage (data, features, head, sampling)
+        result = run_demo(cfg, progress=lambda stage, done, total: bar.update(done, total, stage))
     table = Table(title=f"attribute {result.attribute!r} (base rate {result.base_rate:.2f} in the data)")
     table.add_column("samples")
     table.add_column("oracle: share with the attribute", justify="right")

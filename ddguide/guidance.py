@@ -172,7 +172,7 @@ def head_guidance(model: Model, guides: Sequence[Guide], lam: float, indices: Se
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = int(t[0])
         a = abar[step].float()
-        if window is not None and not window[1] <= step <= window[0]:
+        if lam == 0 or (window is not None and not window[1] <= step <= window[0]):
             with torch.no_grad(), autocast(x.device, precision):
                 return model(x, t).float()
         with torch.enable_grad():
