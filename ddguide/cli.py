@@ -556,8 +556,21 @@ def cas_command(
 
 
 def main() -> None:
-    app(prog_name="ddguide")
+    """Entry point. Usage errors (unknown option, bad value, missing argument) become one line and exit 2."""
+    try:
+        code = app(prog_name="ddguide", standalone_mode=False)
+    except Exception as e:  # noqa: BLE001 - the parser's usage errors carry format_message and exit code 2
+        if getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message"):
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path} --help" if ctx is not None else "ddguide --help"
+            console.print(f"[red]error:[/red] {e.format_message()} (see `{where}`)", highlight=False,
+                          soft_wrap=True)
+            sys.exit(2)
+        if e.__class__.__name__ == "Abort":
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

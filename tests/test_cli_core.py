@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -141,3 +142,19 @@ def test_torchrun_shards_give_the_same_images(tiny_model_path, tmp_path, monkeyp
         a = np.asarray(Image.open(tmp_path / "one" / f"{k:06d}.png"))
         b = np.asarray(Image.open(tmp_path / "two" / f"{k:06d}.png"))
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["sample", "--no-such-option"], "No such option"),
+    (["sample", "--n", "many", "--out", "x"], "Invalid value for '--n'"),
+    (["extract"], "Missing argument"),
+    (["nosuchcmd"], "No such command"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(argv, fragment, monkeypatch, capsys):
+    from ddguide.cli import main
+
+    monkeypatch.setattr("sys.argv", ["ddguide", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and fragment in err and len(err.splitlines()) == 1, err
