@@ -33,6 +33,7 @@ from ddguide.shapes import MASK_CLASSES, ShapesConfig
 from ddguide.shapes import generate as generate_shapes
 
 ATTRIBUTES = ("has_circle", "multiple_objects", "main_left", "has_red")
+BLOCKS, TIMESTEPS = ("mid", "out.5"), (300,)  # the classifier head's taps: mid + the second upsampling block
 
 
 def mean_std(values: list[float]) -> str:
@@ -108,7 +109,7 @@ def table1(ws: Workspace, seeds: list[int], n: int, steps: int, lam: float, pixe
             run = ws.root / f"t1-{attribute}-{seed}"
             folder, table = labelled(ws.pool(seed), attribute, 50, run / "labelled")
             feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
-                                          blocks=("mid", "out.2"), timesteps=(700,), labels=str(table),
+                                          blocks=BLOCKS, timesteps=TIMESTEPS, labels=str(table),
                                           label=attribute, device="cpu"))
             head = train_head(TrainHeadConfig(str(feats), str(run / "head.safetensors"), seed=seed))
             pixel = train_head(TrainHeadConfig(str(feats), str(run / "pixel.safetensors"), kind="pixel", seed=seed))
@@ -182,7 +183,7 @@ def cost(ws: Workspace, batch: int) -> None:
     run = ws.root / "cost"
     folder, table = labelled(ws.pool(0), "has_circle", 16, run / "labelled")
     feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
-                                  blocks=("mid", "out.2"), timesteps=(700,), labels=str(table), label="has_circle",
+                                  blocks=BLOCKS, timesteps=TIMESTEPS, labels=str(table), label="has_circle",
                                   device="cpu"))
     head = load_head(train_head(TrainHeadConfig(str(feats), str(run / "h.safetensors"), steps=10)))
     guides = [Guide(head, 1.0, 1)]
@@ -202,11 +203,11 @@ def cost(ws: Workspace, batch: int) -> None:
         x0 = ((x_in - (1 - model.abar[500]).sqrt().float() * eps) / model.abar[500].sqrt().float()).clamp(-1, 1)
         taps = {}
         hooks = [model.net.middle_block.register_forward_hook(lambda m, i, o: taps.__setitem__("mid", o)),
-                 model.net.output_blocks[2].register_forward_hook(lambda m, i, o: taps.__setitem__("out.2", o))]
-        model(x0, torch.full((batch,), 700))
+                 model.net.output_blocks[5].register_forward_hook(lambda m, i, o: taps.__setitem__("out.5", o))]
+        model(x0, torch.full((batch,), TIMESTEPS[0]))  # the whole network, as the reference code runs it
         for h in hooks:
             h.remove()
-        logits = head(head.inputs({"feat.mid@700": taps["mid"], "feat.out.2@700": taps["out.2"]}))
+        logits = head(head.inputs({f"feat.{b}@{TIMESTEPS[0]}": taps[b] for b in BLOCKS}))
         torch.autograd.grad(torch.log_softmax(logits, 1)[:, 1].sum(), x_in)
 
     full = head_guidance(model, guides, 1.0, indices, grad="full")

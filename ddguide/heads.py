@@ -39,7 +39,7 @@ def gather(taps: dict[str, torch.Tensor], keys: list[str], normalize: bool) -> t
 
 
 class ClassifierHead(nn.Module):
-    def __init__(self, in_channels: int, classes: int, width: int = 128):
+    def __init__(self, in_channels: int, classes: int, width: int = 64):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
@@ -90,7 +90,7 @@ class RejectionHead(nn.Module):
 class PixelHead(ClassifierHead):
     """The DDIM-I baseline: the same small CNN, on RGB pixels in [-1, 1]."""
 
-    def __init__(self, classes: int, width: int = 64):
+    def __init__(self, classes: int, width: int = 32):
         super().__init__(3, classes, width)
 
 
@@ -192,7 +192,7 @@ class TrainHeadConfig:
     timesteps: tuple[int, ...] | None = None
 
 
-DEFAULT_STEPS = {"classifier": 150, "segmentation": 400, "rejection": 300, "pixel": 300}
+DEFAULT_STEPS = {"classifier": 500, "segmentation": 400, "rejection": 300, "pixel": 500}
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
