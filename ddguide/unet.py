@@ -249,6 +249,11 @@ class UNetModel(nn.Module):
         return ([f"in.{i}" for i in range(len(self.input_blocks))] + ["mid"]
                 + [f"out.{i}" for i in range(len(self.output_blocks))])
 
+    def upsampling_blocks(self) -> list[str]:
+        """Output blocks that end by doubling the resolution, coarsest first (the paper's 'upsampling blocks')."""
+        return [f"out.{i}" for i, block in enumerate(self.output_blocks)
+                if isinstance(block[-1], Upsample) or (isinstance(block[-1], ResBlock) and block[-1].updown)]
+
     def block_channels(self, name: str) -> int:
         """Channels of a tapped block's output."""
         self._check_blocks([name])

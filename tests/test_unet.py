@@ -417,3 +417,13 @@ def test_convert_refuses_wrong_flag(tmp_path, name, change, flag):
     assert "\n" not in msg
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["model.pt"]  # not even a temporary file
+
+
+def test_upsampling_blocks_are_the_resolution_doubling_output_blocks():
+    import torch
+
+    from ddguide.unet import PRESETS, UNetModel
+
+    assert UNetModel(PRESETS["shapes32"].unet).upsampling_blocks() == ["out.2", "out.5", "out.8"]
+    with torch.device("meta"):  # resblock_updown variant
+        assert UNetModel(PRESETS["64x64_diffusion"].unet).upsampling_blocks() == ["out.3", "out.7", "out.11"]
