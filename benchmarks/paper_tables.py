@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lam", type=float, default=10.0, help="lambda for attribute heads")
     parser.add_argument("--pixel-lam", type=float, default=10.0, help="lambda for the DDIM-I pixel head")
-    parser.add_argument("--mask-lam", type=float, default=0.05)
+    parser.add_argument("--mask-lam", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=16, help="batch of the cost measurement")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES))
