@@ -43,15 +43,6 @@ def write_images(folder: Path, colour, n: int, seed: int, size: int = 16) -> lis
     return names
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks run fastest on one thread; two threads on a busy two-core machine are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> tuple[Path, Path]:
     """A class-folder training set and a real test set of two flat noisy colours (16 px)."""

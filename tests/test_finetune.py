@@ -15,7 +15,7 @@ from ddguide.cli import app
 from ddguide.data import class_folders, labelled_images, tiny_imagenet
 from ddguide.finetune import FinetuneConfig, conditional_net, drop_labels, finetune
 from ddguide.guidance import classifier_free, conditional
-from ddguide.models import load_model, save_model
+from ddguide.models import load_model
 
 from conftest import build_tiny
 
@@ -42,15 +42,6 @@ def write_images(folder: Path, colour, n: int, size: int = 16, seed: int = 0, su
     for i in range(n):
         im = np.clip(np.array(colour)[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(im).save(folder / f"{i:03d}{suffix}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy two-core machine are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
