@@ -39,3 +39,29 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------- driving the CLI in-process
+
+
+def cli(*args):
+    """Run `ddguide ARGS` in this process (typer's CliRunner); arguments may be paths or numbers."""
+    from typer.testing import CliRunner
+
+    from ddguide.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def expect_ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def expect_user_error(result, *fragments):
+    """Exit code 2, one line, no traceback, and each fragment in the message."""
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    for fragment in fragments:
+        assert fragment in text, text

@@ -7,27 +7,8 @@ import csv
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from ddguide.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(r):
-    assert r.exit_code == 0, r.output
-    return r
-
-
-def user_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
-    for f in fragments:
-        assert f in r.output, r.output
+from conftest import cli as run, expect_ok as ok, expect_user_error as user_error
 
 
 @pytest.fixture(scope="module")

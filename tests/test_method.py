@@ -8,33 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from ddguide import artifacts
-from ddguide.cli import app
 from ddguide.features import FeatureSpec, compute, load_features
 from ddguide.guidance import Guide, head_guidance, log_likelihood
 from ddguide.heads import load_head
 from ddguide.models import load_model, save_model
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for f in fragments:
-        assert f in text, text
+from conftest import cli as run, expect_ok as ok, expect_user_error as user_error
 
 
 @pytest.fixture(scope="module")
