@@ -32,7 +32,7 @@ from ddguide.models import load_model
 from ddguide.shapes import MASK_CLASSES, ShapesConfig
 from ddguide.shapes import generate as generate_shapes
 
-ATTRIBUTES = ("has_circle", "multiple_objects", "main_left", "has_red")
+ATTRIBUTES = ("has_circle", "multiple_objects", "has_red")  # shape, count, colour (main_left also works)
 BLOCKS, TIMESTEPS = ("mid", "out.5"), (300,)  # the classifier head's taps: mid + the second upsampling block
 
 
@@ -231,8 +231,8 @@ def main() -> None:
     parser.add_argument("--table", choices=("1", "2", "cost", "all"), default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default=None, help="model artifact (default: the shipped model)")
-    parser.add_argument("--n", type=int, default=32, help="samples per run (Table 1) / target masks (Table 2)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--n", type=int, default=16, help="samples per run (Table 1) / target masks (Table 2)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps of Table 1")
     parser.add_argument("--lam", type=float, default=10.0, help="lambda for attribute heads")
     parser.add_argument("--pixel-lam", type=float, default=10.0, help="lambda for the DDIM-I pixel head")
     parser.add_argument("--mask-lam", type=float, default=0.5)
