@@ -138,10 +138,11 @@ def log_likelihood(model: Model, guides: Sequence[Guide], x0: torch.Tensor, indi
     with autocast(x0.device, precision):
         for spec in _union_specs(guides):
             taps.update(compute(model, x0, spec, indices))
+    taps = {k: v.float() for k, v in taps.items()}  # heads run in fp32 whatever the autocast of the taps
     total = torch.zeros(len(x0), device=x0.device)
     probs = []
     for g in guides:
-        logits = g.head(x0 if g.head.reads_pixels else g.head.inputs({k: v.float() for k, v in taps.items()}))
+        logits = g.head(x0 if g.head.reads_pixels else g.head.inputs(taps))
         logp = F.log_softmax(logits.float(), dim=1)
         if isinstance(g.target, torch.Tensor):  # (H, W) or per-image (N, H, W) masks
             mask = g.target.to(x0.device)

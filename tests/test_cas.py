@@ -9,27 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from ddguide import artifacts
 from ddguide.cas import CasConfig, cas, learning_rate, mixup_cutmix, random_flip
-from ddguide.cli import app
 from ddguide.resnet import ARCHITECTURES, resnet18
 
-runner = CliRunner()
+from conftest import cli as run
+from conftest import expect_user_error as assert_user_error
+
 COLOURS = {"blue": (40, 90, 230), "red": (220, 40, 40)}
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for frag in fragments:
-        assert frag in text, text
 
 
 def write_images(folder: Path, colour, n: int, seed: int, size: int = 16) -> list[str]:

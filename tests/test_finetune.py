@@ -8,31 +8,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from ddguide import artifacts
-from ddguide.cli import app
 from ddguide.data import class_folders, labelled_images, tiny_imagenet
 from ddguide.finetune import FinetuneConfig, conditional_net, drop_labels, finetune
 from ddguide.guidance import classifier_free, conditional
 from ddguide.models import load_model
 
 from conftest import build_tiny
+from conftest import cli as run
+from conftest import expect_user_error as assert_user_error
 
-runner = CliRunner()
 COLOURS = {"blue": (40, 90, 230), "red": (220, 40, 40)}
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for frag in fragments:
-        assert frag in text, text
 
 
 def write_images(folder: Path, colour, n: int, size: int = 16, seed: int = 0, suffix: str = ".png") -> None:
