@@ -223,11 +223,7 @@ def train(
                       checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads,
                       init=str(init) if init else None)
     with progress_bar("training") as bar:
-
-        def report(p: dict[str, Any]) -> None:
-            bar.update(p["step"], p["steps"], f"loss {p['loss']:.4f}  {p['images_per_s']:.0f} img/s")
-
-        path = run(cfg, progress=report)
+        path = run(cfg, progress=bar.update)
     out_console.print(f"wrote {path}")
 
 

@@ -13,23 +13,17 @@ weights, Adam's state, the generator state and the loss history, and rerunning t
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
-from ddguide.data import labelled_images, load_images, to_tensor
-from ddguide.diffusion import alphas_cumprod, q_sample, split_output
+from ddguide.data import labelled_images, load_images
 from ddguide.errors import UserError
-from ddguide.models import Model, autocast, load_model, resolve_device, save_model
-from ddguide.train import _ema_update, _restore, _save_checkpoint, _State, checkpoint_path, write_loss_curve
+from ddguide.models import Model, load_model, resolve_device, save_model
+from ddguide.train import Labels, Progress, Recipe, checkpoint_path, fit, write_loss_curve
 from ddguide.unet import UNetModel
-
-Progress = Callable[[int, int, str], None]
-
 
 @dataclass
 class FinetuneConfig:
@@ -111,58 +105,24 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> Path:
     if len(names) < 2:
         raise UserError(f"{cfg.data}: only one class ({names[0]}); class-conditional fine-tuning needs two or more")
 
-    # 1. network, EMA copy, optimiser, generator: fresh from the unconditional model, or the last checkpoint
+    # the unconditional weights with a new class embedding; each batch's labels dropped to null with probability p
     gen = torch.Generator().manual_seed(cfg.seed)
     net = conditional_net(base, len(names), gen).to(device)
-    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    state = _State()
-    key = _RunKey(cfg, base.fingerprint, names)
-    ckpt = checkpoint_path(cfg.out)
-    if ckpt.exists():
-        _restore(ckpt, key, net, ema, opt, gen, state, device)
-    diffusion = base.diffusion
-    abar = alphas_cumprod(diffusion).to(device)
     null = len(names)  # the last embedding row
 
-    # 2. the training set in memory, read after the checks above so a refused run reads nothing
-    read = (lambda done, total: progress(done, total, "reading images")) if progress else None
-    images = torch.from_numpy(load_images(files, base.image_size, cfg.resize, read))  # (N, H, W, 3) uint8
-    labels = torch.tensor(labels_list, dtype=torch.long)  # (N,)
+    def read() -> tuple[torch.Tensor, Labels]:
+        report = (lambda done, total: progress(done, total, "reading images")) if progress else None
+        images = torch.from_numpy(load_images(files, base.image_size, cfg.resize, report))  # (N, H, W, 3) uint8
+        labels = torch.tensor(labels_list, dtype=torch.long)  # (N,)
+        return images, lambda idx, g: drop_labels(labels[idx], cfg.label_dropout, null, g)
 
-    # 3. the loop: L_simple with the class label (dropped to null with probability p), clipped grads, EMA
-    net.train()
-    t_last = time.time()
-    while state.step < cfg.steps:
-        idx = torch.randint(0, len(images), (cfg.batch,), generator=gen)
-        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
-        y = drop_labels(labels[idx], cfg.label_dropout, null, gen).to(device)  # (B,)
-        t = torch.randint(0, diffusion.steps, (cfg.batch,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        x_t = q_sample(x0, t, noise, abar)  # Eq. 5
-        with autocast(device, cfg.precision):
-            out = net(x_t, diffusion.model_time(t), y)
-        eps, _ = split_output(out.float(), x0.shape[1])
-        loss = (eps - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        _ema_update(ema, net, cfg.ema_decay, state.step)
-        state.step += 1
-        state.losses.append(loss.item())
+    recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, 0, cfg.ema_decay, cfg.grad_clip, cfg.precision,
+                    cfg.checkpoint_every)
+    ema, state = fit(net, base.diffusion, recipe, checkpoint_path(cfg.out), _RunKey(cfg, base.fingerprint, names),
+                     gen, read, device, progress)
 
-        # 4. checkpoint, then report (a kill during the report loses no finished step)
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            _save_checkpoint(ckpt, key, net, ema, opt, gen, state)
-        if progress:
-            now = time.time()
-            progress(state.step, cfg.steps, f"loss {np.mean(state.losses[-50:]):.4f}  "
-                                            f"{cfg.batch / max(now - t_last, 1e-9):.0f} img/s")
-            t_last = now
-
-    # 5. the artifact: EMA weights, class names and where the model came from
-    model = Model(UNetModel(net.cfg), diffusion, classes=names,
+    # the artifact: EMA weights, class names and where the model came from
+    model = Model(UNetModel(net.cfg), base.diffusion, classes=names,
                   info={"finetuned_from": base.fingerprint, "finetune": asdict(cfg), "trained_steps": state.step})
     save_model(cfg.out, model, state_dict=ema)
     write_loss_curve(Path(cfg.out).with_suffix(".loss.png"), state.losses)

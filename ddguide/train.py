@@ -17,12 +17,12 @@ import torch
 
 from ddguide import artifacts
 from ddguide.data import list_images, load_image, to_tensor
-from ddguide.diffusion import DiffusionConfig, alphas_cumprod, q_sample
+from ddguide.diffusion import DiffusionConfig, alphas_cumprod, q_sample, split_output
 from ddguide.errors import UserError
 from ddguide.models import Model, autocast, resolve_device, save_model
 from ddguide.unet import UNetModel, get_preset
 
-Progress = Callable[[dict[str, Any]], None]
+Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
 
 
 @dataclass
@@ -71,8 +71,8 @@ class _State:
 
 def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     """Train (or resume) and write the EMA weights as a ``model`` artifact at ``cfg.out``."""
-    if cfg.steps < 1 or cfg.batch < 1:
-        raise UserError("--steps and --batch must be >= 1")
+    if cfg.steps < 1 or cfg.batch < 1 or cfg.checkpoint_every < 1:
+        raise UserError("--steps, --batch and --checkpoint-every must be >= 1")
     preset = get_preset(cfg.preset)
     diffusion = DiffusionConfig(preset.diffusion.steps, cfg.schedule or preset.diffusion.schedule,
                                 preset.diffusion.rescale_timesteps)
@@ -81,59 +81,94 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
         torch.set_num_threads(cfg.threads)
     images = load_dataset(cfg.data, preset.unet.image_size, cfg.resize)
 
-    # 1. model, EMA copy, optimiser, generator: fresh, or restored from the last checkpoint
-    torch_gen = torch.Generator().manual_seed(cfg.seed)
+    # the network drawn from its own seed, so initialisation does not depend on the global generator
     init = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=init)))
         net = UNetModel(preset.unet)
     if cfg.init:
         _warm_start(net, cfg.init)
-    net.to(device)
-    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    state = _State()
-    ckpt = checkpoint_path(cfg.out)
-    if ckpt.exists():
-        _restore(ckpt, cfg, net, ema, opt, torch_gen, state, device)
-    abar = alphas_cumprod(diffusion).to(device)
+    recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.grad_clip, cfg.precision,
+                    cfg.checkpoint_every)
+    ema, state = fit(net.to(device), diffusion, recipe, checkpoint_path(cfg.out), cfg,
+                     torch.Generator().manual_seed(cfg.seed), lambda: (images, None), device, progress)
 
-    # 2. the loop: uniform t, eps-prediction MSE (Ho et al. L_simple), clipped grads, warm-up, EMA
-    t_last = time.time()
-    while state.step < cfg.steps:
-        idx = torch.randint(0, len(images), (cfg.batch,), generator=torch_gen)
-        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
-        t = torch.randint(0, diffusion.steps, (cfg.batch,), generator=torch_gen).to(device)
-        noise = torch.randn(x0.shape, generator=torch_gen).to(device)
-        x_t = q_sample(x0, t, noise, abar)
-        with autocast(device, cfg.precision):
-            out = net(x_t, diffusion.model_time(t))
-        loss = (out.float()[:, :3] - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(cfg.warmup, 1))
-        opt.step()
-        _ema_update(ema, net, cfg.ema_decay, state.step)
-        state.step += 1
-        state.losses.append(loss.item())
-
-        # 3. report and checkpoint
-        if progress:
-            now = time.time()
-            progress({"step": state.step, "steps": cfg.steps, "loss": float(np.mean(state.losses[-50:])),
-                      "images_per_s": cfg.batch / max(now - t_last, 1e-9)})
-            t_last = now
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            _save_checkpoint(ckpt, cfg, net, ema, opt, torch_gen, state)
-
-    # 4. the artifact: EMA weights plus the full training config
+    # the artifact: EMA weights plus the full training config
     model = Model(UNetModel(preset.unet), diffusion, info={"preset": cfg.preset, "train": asdict(cfg),
                                                             "trained_steps": state.step})
     save_model(cfg.out, model, state_dict=ema)
     write_loss_curve(Path(cfg.out).with_suffix(".loss.png"), state.losses)
     return Path(cfg.out)
+
+
+@dataclass
+class Recipe:
+    """How one run of the epsilon-prediction objective (Ho et al.'s L_simple) optimises: what ``train`` and
+    ``finetune`` share. ``warmup`` ramps the learning rate linearly over its first steps (0: none)."""
+
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    ema_decay: float
+    grad_clip: float
+    precision: str
+    checkpoint_every: int
+
+
+Labels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # batch indices -> class ids for the batch
+
+
+def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, key: Any, gen: torch.Generator,
+        read: Callable[[], tuple[torch.Tensor, Labels | None]], device: torch.device,
+        progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], _State]:
+    """Optimise ``net`` (or resume from ``ckpt``) and return its EMA weights and the run's state.
+
+    ``key.identity()`` is what a checkpoint must match to be resumed. ``read`` gives the training images as
+    uint8 (N, H, W, 3) and, for a class-conditional net, a function drawing each batch's labels; it is called
+    after the checkpoint is accepted, so a refused run reads no images. Each step draws, in this order, the
+    batch indices, the labels, t and the noise from ``gen``: a resumed run continues the same sequence.
+    """
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
+    state = _State()
+    if ckpt.exists():
+        _restore(ckpt, key, net, ema, opt, gen, state, device)
+    images, labels = read()
+    abar = alphas_cumprod(diffusion).to(device)
+
+    net.train()
+    t_last = time.time()
+    while state.step < recipe.steps:
+        idx = torch.randint(0, len(images), (recipe.batch,), generator=gen)
+        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
+        y = labels(idx, gen).to(device) if labels else None  # (B,) or None
+        t = torch.randint(0, diffusion.steps, (recipe.batch,), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        x_t = q_sample(x0, t, noise, abar)  # Eq. 5
+        with autocast(device, recipe.precision):
+            out = net(x_t, diffusion.model_time(t), y)
+        eps, _ = split_output(out.float(), x0.shape[1])
+        loss = (eps - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * min(1.0, (state.step + 1) / max(recipe.warmup, 1))
+        opt.step()
+        _ema_update(ema, net, recipe.ema_decay, state.step)
+        state.step += 1
+        state.losses.append(loss.item())
+
+        # checkpoint, then report: a stop during the report loses no finished step
+        if state.step % recipe.checkpoint_every == 0 or state.step == recipe.steps:
+            _save_checkpoint(ckpt, key, net, ema, opt, gen, state)
+        if progress:
+            now = time.time()
+            progress(state.step, recipe.steps, f"loss {np.mean(state.losses[-50:]):.4f}  "
+                                               f"{recipe.batch / max(now - t_last, 1e-9):.0f} img/s")
+            t_last = now
+    return ema, state
 
 
 def _warm_start(net: UNetModel, path: str) -> None:
@@ -155,23 +190,23 @@ def _ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float
                 ema[k].copy_(v)
 
 
-def _save_checkpoint(path: Path, cfg: TrainConfig, net, ema, opt, gen: torch.Generator, state: _State) -> None:
+def _save_checkpoint(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _State) -> None:
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.items()})
     names = [n for n, _ in net.named_parameters()]
     for i, p in enumerate(net.parameters()):
-        for key, value in opt.state.get(p, {}).items():
-            tensors[f"adam.{names[i]}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
+        for slot, value in opt.state.get(p, {}).items():
+            tensors[f"adam.{names[i]}.{slot}"] = value.reshape(-1) if value.ndim == 0 else value
     tensors["rng"] = gen.get_state()
     tensors["losses"] = torch.tensor(state.losses, dtype=torch.float32)
-    meta = {"identity": cfg.identity(), "step": state.step}
+    meta = {"identity": key.identity(), "step": state.step}
     artifacts.save(path, tensors, kind="checkpoint", config=meta, fingerprint="")
 
 
-def _restore(path: Path, cfg: TrainConfig, net, ema, opt, gen: torch.Generator, state: _State,
+def _restore(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _State,
              device: torch.device) -> None:
     art = artifacts.load(path, "checkpoint")
-    if art.config.get("identity") != cfg.identity():
+    if art.config.get("identity") != key.identity():
         raise UserError(f"{path}: a checkpoint of a different training run "
                         f"({json.dumps(art.config.get('identity'))}); delete it or choose another --out")
     t = art.tensors

@@ -41,8 +41,8 @@ def test_a_killed_run_resumes_to_the_same_weights(images, tmp_path):
     whole, killed = tmp_path / "whole.safetensors", tmp_path / "killed.safetensors"
     train(cfg(images, whole))
 
-    def kill_at_5(p):
-        if p["step"] == 5:
+    def kill_at_5(done, total, info):
+        if done == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -50,7 +50,7 @@ def test_a_killed_run_resumes_to_the_same_weights(images, tmp_path):
     assert not killed.exists()
     assert artifacts.load(checkpoint_path(killed), "checkpoint").config["step"] == 4
     steps = []
-    train(cfg(images, killed), progress=lambda p: steps.append(p["step"]))
+    train(cfg(images, killed), progress=lambda done, total, info: steps.append(done))
     assert steps == [5, 6]  # continued from the checkpoint at step 4
     a, b = artifacts.load(whole, "model").tensors, artifacts.load(killed, "model").tensors
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
