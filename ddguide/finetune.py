@@ -22,7 +22,7 @@ import torch
 from ddguide.data import labelled_images, load_images
 from ddguide.errors import UserError
 from ddguide.models import Model, load_model, resolve_device, save_model
-from ddguide.train import Labels, Progress, Recipe, checkpoint_path, fit, write_loss_curve
+from ddguide.train import Labels, Progress, Recipe, checkpoint_path, fit, is_main_process, write_loss_curve
 from ddguide.unet import UNetModel
 
 @dataclass
@@ -121,7 +121,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> Path:
     ema, state = fit(net, base.diffusion, recipe, checkpoint_path(cfg.out), _RunKey(cfg, base.fingerprint, names),
                      gen, read, device, progress)
 
-    # the artifact: EMA weights, class names and where the model came from
+    # the artifact (written once, by rank 0 under torchrun): EMA weights, class names and the model's origin
+    if not is_main_process():
+        return Path(cfg.out)
     model = Model(UNetModel(net.cfg), base.diffusion, classes=names,
                   info={"finetuned_from": base.fingerprint, "finetune": asdict(cfg), "trained_steps": state.step})
     save_model(cfg.out, model, state_dict=ema)

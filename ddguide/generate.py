@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +22,7 @@ from ddguide import artifacts
 from ddguide.data import to_uint8
 from ddguide.diffusion import space_timesteps
 from ddguide.errors import UserError
-from ddguide.models import Model, autocast, load_model, resolve_device
+from ddguide.models import Model, autocast, load_model, process_shard, resolve_device
 from ddguide.sampling import Denoiser, image_generators, per_image_randn, sample_ddim, sample_ddpm
 
 INDEX = "index.csv"
@@ -168,14 +167,6 @@ def generate(cfg: SampleConfig, plan: Plan | None = None,
         write_index(out, rows, name=f"index.part{rank}of{world}.csv")
         merge_shards(out, world)
     return out
-
-
-def process_shard() -> tuple[int, int]:
-    """(rank, world size) of this process under ``torchrun`` (which sets RANK and WORLD_SIZE), else (0, 1)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world:
-        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    return rank, world
 
 
 def merge_shards(out: Path, world: int) -> bool:

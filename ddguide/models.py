@@ -94,6 +94,14 @@ def model_from_artifact(art: artifacts.Artifact) -> Model:
     return Model(net, diffusion, fingerprint=art.fingerprint, classes=classes, info=cfg)
 
 
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) of this process under ``torchrun`` (which sets RANK and WORLD_SIZE), else (0, 1)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
     if name == "auto":

@@ -6,6 +6,7 @@ random generator state and the loss history; rerunning the same command continue
 
 from __future__ import annotations
 
+import atexit
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,12 +15,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ddguide import artifacts
 from ddguide.data import list_images, load_image, to_tensor
 from ddguide.diffusion import DiffusionConfig, alphas_cumprod, q_sample, split_output
 from ddguide.errors import UserError
-from ddguide.models import Model, autocast, resolve_device, save_model
+from ddguide.models import Model, autocast, process_shard, resolve_device, save_model
 from ddguide.unet import UNetModel, get_preset
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
@@ -93,7 +95,9 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     ema, state = fit(net.to(device), diffusion, recipe, checkpoint_path(cfg.out), cfg,
                      torch.Generator().manual_seed(cfg.seed), lambda: (images, None), device, progress)
 
-    # the artifact: EMA weights plus the full training config
+    # the artifact (written once, by rank 0 under torchrun): EMA weights plus the full training config
+    if not is_main_process():
+        return Path(cfg.out)
     model = Model(UNetModel(preset.unet), diffusion, info={"preset": cfg.preset, "train": asdict(cfg),
                                                             "trained_steps": state.step})
     save_model(cfg.out, model, state_dict=ema)
@@ -128,47 +132,102 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     uint8 (N, H, W, 3) and, for a class-conditional net, a function drawing each batch's labels; it is called
     after the checkpoint is accepted, so a refused run reads no images. Each step draws, in this order, the
     batch indices, the labels, t and the noise from ``gen``: a resumed run continues the same sequence.
+
+    Under ``torchrun`` every process draws ``batch / WORLD_SIZE`` images from its own stream (rank 0 keeps
+    ``gen``'s, so one process is the same run as before) and DDP averages the gradients; the checkpoint keeps
+    every rank's generator state and only rank 0 writes files and reports progress.
     """
+    rank, world = process_shard()
+    if recipe.batch % world:
+        raise UserError(f"--batch {recipe.batch} does not split evenly over {world} processes")
+    if rank:
+        gen.manual_seed(_rank_seed(gen.initial_seed(), rank, 0))
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     state = _State()
     if ckpt.exists():
-        _restore(ckpt, key, net, ema, opt, gen, state, device)
+        if not _restore(ckpt, key, net, ema, opt, gen, state, device, rank):
+            gen.manual_seed(_rank_seed(gen.initial_seed(), rank, state.step))  # a rank the last run did not have
     images, labels = read()
     abar = alphas_cumprod(diffusion).to(device)
+    batch = recipe.batch // world
 
+    if world > 1:
+        _join_process_group(device)
+    model = _ddp(net, device) if world > 1 else net
     net.train()
     t_last = time.time()
     while state.step < recipe.steps:
-        idx = torch.randint(0, len(images), (recipe.batch,), generator=gen)
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
         x0 = to_tensor(images[idx].numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
         y = labels(idx, gen).to(device) if labels else None  # (B,) or None
-        t = torch.randint(0, diffusion.steps, (recipe.batch,), generator=gen).to(device)
+        t = torch.randint(0, diffusion.steps, (batch,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = q_sample(x0, t, noise, abar)  # Eq. 5
         with autocast(device, recipe.precision):
-            out = net(x_t, diffusion.model_time(t), y)
+            out = model(x_t, diffusion.model_time(t), y)
         eps, _ = split_output(out.float(), x0.shape[1])
         loss = (eps - noise).pow(2).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP leaves every rank with the mean gradient
         torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
         for group in opt.param_groups:
             group["lr"] = recipe.lr * min(1.0, (state.step + 1) / max(recipe.warmup, 1))
         opt.step()
         _ema_update(ema, net, recipe.ema_decay, state.step)
         state.step += 1
-        state.losses.append(loss.item())
+        state.losses.append(_mean_over_ranks(loss.detach(), world))
 
         # checkpoint, then report: a stop during the report loses no finished step
         if state.step % recipe.checkpoint_every == 0 or state.step == recipe.steps:
-            _save_checkpoint(ckpt, key, net, ema, opt, gen, state)
-        if progress:
+            rngs = _gather_rng_states(gen, world)
+            if rank == 0:
+                _save_checkpoint(ckpt, key, net, ema, opt, gen, state, rngs[1:])
+        if progress and rank == 0:
             now = time.time()
             progress(state.step, recipe.steps, f"loss {np.mean(state.losses[-50:]):.4f}  "
                                                f"{recipe.batch / max(now - t_last, 1e-9):.0f} img/s")
             t_last = now
     return ema, state
+
+
+def is_main_process() -> bool:
+    """True in a single process and in rank 0 of a ``torchrun`` group: the process that writes files."""
+    return process_shard()[0] == 0
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    return (seed + 1_000_003 * rank + 7919 * step) % 2**63
+
+
+def _join_process_group(device: torch.device) -> None:
+    """Join torchrun's process group once per process; it stays for later runs and is left at exit."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+
+
+def _ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return loss.item()
+
+
+def _gather_rng_states(gen: torch.Generator, world: int) -> list[torch.Tensor]:
+    if world == 1:
+        return [gen.get_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, gen.get_state())
+    return states
 
 
 def _warm_start(net: UNetModel, path: str) -> None:
@@ -190,7 +249,10 @@ def _ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float
                 ema[k].copy_(v)
 
 
-def _save_checkpoint(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _State) -> None:
+def _save_checkpoint(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _State,
+                     other_rngs: list[torch.Tensor] = ()) -> None:
+    """Weights, EMA, Adam's state, the loss history and the generator state (``rng``; ``rng.<r>`` for the other
+    ranks of a torchrun group)."""
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.items()})
     names = [n for n, _ in net.named_parameters()]
@@ -198,13 +260,15 @@ def _save_checkpoint(path: Path, key: Any, net, ema, opt, gen: torch.Generator, 
         for slot, value in opt.state.get(p, {}).items():
             tensors[f"adam.{names[i]}.{slot}"] = value.reshape(-1) if value.ndim == 0 else value
     tensors["rng"] = gen.get_state()
+    tensors.update({f"rng.{r}": rng for r, rng in enumerate(other_rngs, start=1)})
     tensors["losses"] = torch.tensor(state.losses, dtype=torch.float32)
     meta = {"identity": key.identity(), "step": state.step}
     artifacts.save(path, tensors, kind="checkpoint", config=meta, fingerprint="")
 
 
 def _restore(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _State,
-             device: torch.device) -> None:
+             device: torch.device, rank: int = 0) -> bool:
+    """Load a checkpoint of the same run; False when it holds no generator state for ``rank``."""
     art = artifacts.load(path, "checkpoint")
     if art.config.get("identity") != key.identity():
         raise UserError(f"{path}: a checkpoint of a different training run "
@@ -218,9 +282,12 @@ def _restore(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _
             opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()),
                             "exp_avg": t[f"adam.{name}.exp_avg"].to(device),
                             "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].to(device)}
-    gen.set_state(t["rng"])
     state.step = int(art.config["step"])
     state.losses = t["losses"].tolist()
+    rng = t.get("rng" if rank == 0 else f"rng.{rank}")
+    if rng is not None:
+        gen.set_state(rng)
+    return rng is not None
 
 
 def write_loss_curve(path: Path, losses: list[float], width: int = 640, height: int = 320) -> None:

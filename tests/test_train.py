@@ -99,3 +99,71 @@ def test_bad_training_data(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()  # nothing written by the refused runs
     assert _train_cli(mixed, tmp_path, "--resize", "center-crop").exit_code == 0
     assert (tmp_path / "m.safetensors").is_file()
+
+
+# --- torchrun: DDP over two CPU processes (gloo) ------------------------------------------------------------
+
+RANK_SCRIPT = """
+import sys
+import torch
+from ddguide import artifacts
+from ddguide.diffusion import DiffusionConfig
+from ddguide.models import process_shard
+from ddguide.train import Recipe, TrainConfig, fit, train
+from ddguide.unet import PRESETS, UNetModel
+
+images, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)
+train(TrainConfig(data=images, out=out, preset="tiny", steps=steps, batch=4, checkpoint_every=2,
+                  precision="fp32", device="cpu"))
+
+class Key:
+    def identity(self):
+        return {"probe": 1}
+
+torch.manual_seed(0)
+net = UNetModel(PRESETS["tiny"].unet)
+pixels = torch.randint(0, 255, (6, 16, 16, 3), dtype=torch.uint8)
+recipe = Recipe(steps=3, batch=4, lr=1e-3, warmup=0, ema_decay=0.9, grad_clip=1.0, precision="fp32",
+                checkpoint_every=3)
+ema, _ = fit(net, DiffusionConfig(1000, "linear"), recipe, __import__("pathlib").Path(out + ".probe.ckpt"), Key(),
+             torch.Generator().manual_seed(0), lambda: (pixels, None), torch.device("cpu"))
+artifacts.save(f"{out}.rank{process_shard()[0]}", dict(net.state_dict()), kind="checkpoint", config={},
+               fingerprint="")
+"""
+
+
+def _torchrun(tmp_path, images, out, steps):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    # one host: gloo on the loopback interface (the default interface may not accept local connections)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(images), str(out), str(steps)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_torchrun_trains_one_model_with_synchronised_ranks(images, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    r = _torchrun(tmp_path, images, out, 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the gradients are averaged over the ranks, so both hold the same weights after every step
+    a = artifacts.load(f"{out}.rank0", "checkpoint").tensors
+    b = artifacts.load(f"{out}.rank1", "checkpoint").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # one artifact, written by rank 0; the checkpoint holds both ranks' generator states
+    art = artifacts.load(out, "model")
+    assert art.config["trained_steps"] == 4
+    ckpt = artifacts.load(checkpoint_path(out), "checkpoint")
+    assert {"rng", "rng.1"} <= set(ckpt.tensors) and not torch.equal(ckpt.tensors["rng"], ckpt.tensors["rng.1"])
+    # rerunning with more steps continues from that checkpoint
+    r = _torchrun(tmp_path, images, out, 6)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert artifacts.load(out, "model").config["trained_steps"] == 6
+    assert len(artifacts.load(checkpoint_path(out), "checkpoint").tensors["losses"]) == 6
