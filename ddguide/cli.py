@@ -216,7 +216,7 @@ def train(
     """Train an unconditional diffusion model; rerun the same command to resume after a stop.
 
     Rerunning with a smaller --steps than the checkpoint has reached writes the model from that checkpoint."""
-    from ddguide.train import TrainConfig, train as run
+    from ddguide.train import TrainConfig, is_main_process, train as run
 
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
                       grad_clip=grad_clip, schedule=schedule, precision=precision, seed=seed,
@@ -224,7 +224,8 @@ def train(
                       init=str(init) if init else None)
     with progress_bar("training") as bar:
         path = run(cfg, progress=bar.update)
-    out_console.print(f"wrote {path}")
+    if is_main_process():  # under torchrun, rank 0 wrote the model
+        out_console.print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -477,6 +478,7 @@ def finetune(
     """Fine-tune an unconditional model into a class-conditional one (label dropout, for --cfg sampling);
     rerun the same command to resume after a stop."""
     from ddguide.finetune import FinetuneConfig, finetune as run
+    from ddguide.train import is_main_process
 
     cfg = FinetuneConfig(data=str(data), out=str(out), model=str(model) if model else None, steps=steps,
                          batch=batch, lr=lr, label_dropout=label_dropout, ema_decay=ema, grad_clip=grad_clip,
@@ -484,7 +486,8 @@ def finetune(
                          resize=resize, threads=threads)
     with progress_bar("fine-tuning") as bar:
         path = run(cfg, progress=bar.update)
-    out_console.print(f"wrote {path}")
+    if is_main_process():
+        out_console.print(f"wrote {path}")
 
 
 # --- end finetune ---
