@@ -260,3 +260,27 @@ def _numel(shape: Iterable[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def join_row_parts(path: str | os.PathLike, parts: list[Path], *, kind: str, config: dict[str, Any],
+                   fingerprint: str, chunk: int = 256) -> Path:
+    """Concatenate artifacts whose tensors are consecutive row ranges of one tensor each (the shards of a
+    ``torchrun`` job) into one artifact at ``path``, copying ``chunk`` rows at a time."""
+    from safetensors import safe_open
+
+    handles = [safe_open(str(p), framework="pt") for p in parts]
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name in handles[0].keys():
+        shapes = [h.get_slice(name).get_shape() for h in handles]
+        dtype = handles[0].get_slice(name)[:0].dtype
+        layout[name] = ((sum(s[0] for s in shapes), *shapes[0][1:]), dtype)
+    with StreamingWriter(path, layout, kind=kind, config=config, fingerprint=fingerprint) as writer:
+        for name in layout:
+            row = 0
+            for h in handles:
+                part = h.get_slice(name)
+                rows = part.get_shape()[0]
+                for a in range(0, rows, chunk):
+                    writer.write(name, row + a, part[a:min(a + chunk, rows)])
+                row += rows
+    return Path(path)

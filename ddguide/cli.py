@@ -216,7 +216,8 @@ def train(
     """Train an unconditional diffusion model; rerun the same command to resume after a stop.
 
     Rerunning with a smaller --steps than the checkpoint has reached writes the model from that checkpoint."""
-    from ddguide.train import TrainConfig, is_main_process, train as run
+    from ddguide.models import is_main_process
+    from ddguide.train import TrainConfig, train as run
 
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
                       grad_clip=grad_clip, schedule=schedule, precision=precision, seed=seed,
@@ -359,13 +360,15 @@ def filter_command(
 ) -> None:
     """Keep the samples that a rejection head on the unconditional model's features accepts."""
     from ddguide.filter import FilterConfig, filter_folder
+    from ddguide.models import is_main_process
 
     refuse_existing(out)
     with progress_bar("filtering") as bar:
         result = filter_folder(FilterConfig(str(folder), str(head), str(out), threshold,
                                             str(model) if model else None, batch, device), progress=bar.update)
-    _acceptance_table(result)
-    out_console.print(f"kept {result.kept} of {result.total} samples in {out}")
+    if is_main_process():  # under torchrun every rank knows the result; one prints it
+        _acceptance_table(result)
+        out_console.print(f"kept {result.kept} of {result.total} samples in {out}")
 
 
 def _acceptance_table(result: Any) -> None:
@@ -478,7 +481,7 @@ def finetune(
     """Fine-tune an unconditional model into a class-conditional one (label dropout, for --cfg sampling);
     rerun the same command to resume after a stop."""
     from ddguide.finetune import FinetuneConfig, finetune as run
-    from ddguide.train import is_main_process
+    from ddguide.models import is_main_process
 
     cfg = FinetuneConfig(data=str(data), out=str(out), model=str(model) if model else None, steps=steps,
                          batch=batch, lr=lr, label_dropout=label_dropout, ema_decay=ema, grad_clip=grad_clip,

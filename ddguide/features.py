@@ -22,7 +22,7 @@ from ddguide import artifacts
 from ddguide.data import attribute_labels, list_images, load_image, paired_masks, to_tensor
 from ddguide.diffusion import q_sample
 from ddguide.errors import UserError
-from ddguide.models import Model, autocast, load_model, resolve_device
+from ddguide.models import Model, autocast, join_process_group, load_model, process_shard, resolve_device
 from ddguide.sampling import image_generators, per_image_randn
 
 NOISE_MODES = ("none", "fixed")
@@ -141,33 +141,58 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     size, n = model.image_size, len(files)
     targets, label_info = _labels(cfg, files, size)
 
+    # under torchrun each rank extracts a consecutive slice of the images into a part; rank 0 joins the parts
+    rank, world = process_shard()
+    lo, hi = n * rank // world, n * (rank + 1) // world
     dtype = torch.float16 if cfg.storage == "fp16" else torch.float32
-    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((n, size, size, 3), torch.uint8)}
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((hi - lo, size, size, 3), torch.uint8)}
     for t in spec.timesteps:
         for b in spec.blocks:
             side = size // model.net.block_downsampling(b)
-            layout[spec.key(b, t)] = ((n, model.net.block_channels(b), side, side), dtype)
-    layout.update({k: (tuple(v.shape), v.dtype) for k, v in targets.items()})
+            layout[spec.key(b, t)] = ((hi - lo, model.net.block_channels(b), side, side), dtype)
+    layout.update({k: ((hi - lo, *v.shape[1:]), v.dtype) for k, v in targets.items()})
     config = {"spec": spec.to_dict(), "model": model.fingerprint, "image_size": size, "count": n,
               "images_hash": image_list_hash(files, cfg.data), "storage": cfg.storage, **label_info}
+    out = Path(cfg.out) if world == 1 else _part_path(cfg.out, rank, world)
 
-    with artifacts.StreamingWriter(cfg.out, layout, kind="features", config=config,
+    with artifacts.StreamingWriter(out, layout, kind="features", config=config,
                                    fingerprint=model.fingerprint) as writer:
         for k, v in targets.items():
-            writer.write(k, 0, v)
-        for start in range(0, n, cfg.batch):
-            batch = np.stack([load_image(f, size, cfg.resize) for f in files[start:start + cfg.batch]])
+            writer.write(k, 0, v[lo:hi])
+        for start in range(lo, hi, cfg.batch):
+            batch = np.stack([load_image(f, size, cfg.resize) for f in files[start:min(start + cfg.batch, hi)]])
             x = to_tensor(batch).to(device)
             with torch.no_grad(), autocast(device, cfg.precision):
-                feats = compute(model, x, spec, range(start, start + len(batch)))
+                feats = compute(model, x, spec, range(start, start + len(batch)))  # noise follows the image index
             for key, value in feats.items():
                 if not torch.isfinite(value).all():
                     raise UserError(f"non-finite values in features {key}: the model or the images are broken")
-                writer.write(key, start, value.float())
-            writer.write("images", start, torch.from_numpy(batch))
+                writer.write(key, start - lo, value.float())
+            writer.write("images", start - lo, torch.from_numpy(batch))
             if progress:
-                progress(min(start + cfg.batch, n), n)
+                progress(start - lo + len(batch), hi - lo)
+    if world > 1:
+        _join_parts(cfg.out, world, config, model.fingerprint, device)
     return Path(cfg.out)
+
+
+def _part_path(out: str | Path, rank: int, world: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.part{rank}of{world}{out.suffix}")
+
+
+def _join_parts(out: str | Path, world: int, config: dict[str, Any], fingerprint: str, device: torch.device) -> None:
+    """Every rank waits for the others' parts; rank 0 joins them into ``out`` and removes them."""
+    import torch.distributed as dist
+
+    join_process_group(device)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        parts = [_part_path(out, r, world) for r in range(world)]
+        artifacts.join_row_parts(out, parts, kind="features", config=config, fingerprint=fingerprint)
+        for part in parts:
+            part.unlink()
+    dist.barrier()  # every rank returns once the joined artifact exists
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch
 
 from ddguide.data import labelled_images, load_images
 from ddguide.errors import UserError
-from ddguide.models import Model, load_model, resolve_device, save_model
-from ddguide.train import Labels, Progress, Recipe, checkpoint_path, fit, is_main_process, write_loss_curve
+from ddguide.models import Model, is_main_process, load_model, resolve_device, save_model
+from ddguide.train import Labels, Progress, Recipe, checkpoint_path, fit, write_loss_curve
 from ddguide.unet import UNetModel
 
 @dataclass

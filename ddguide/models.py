@@ -6,6 +6,7 @@ After :func:`load_model` no code cares where the weights came from: ``model(x_t,
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from importlib import resources
@@ -100,6 +101,21 @@ def process_shard() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
+
+
+def is_main_process() -> bool:
+    """True in a single process and in rank 0 of a ``torchrun`` group: the process that writes and reports."""
+    return process_shard()[0] == 0
+
+
+def join_process_group(device: torch.device) -> None:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) once per process; it is left at exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

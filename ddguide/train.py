@@ -6,7 +6,6 @@ random generator state and the loss history; rerunning the same command continue
 
 from __future__ import annotations
 
-import atexit
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,8 @@ from ddguide import artifacts
 from ddguide.data import list_images, load_image, to_tensor
 from ddguide.diffusion import DiffusionConfig, alphas_cumprod, q_sample, split_output
 from ddguide.errors import UserError
-from ddguide.models import Model, autocast, process_shard, resolve_device, save_model
+from ddguide.models import (Model, autocast, is_main_process, join_process_group, process_shard, resolve_device,
+                            save_model)
 from ddguide.unet import UNetModel, get_preset
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
@@ -153,7 +153,7 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     batch = recipe.batch // world
 
     if world > 1:
-        _join_process_group(device)
+        join_process_group(device)
     model = _ddp(net, device) if world > 1 else net
     net.train()
     t_last = time.time()
@@ -191,21 +191,8 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     return ema, state
 
 
-def is_main_process() -> bool:
-    """True in a single process and in rank 0 of a ``torchrun`` group: the process that writes files."""
-    return process_shard()[0] == 0
-
-
 def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed + 1_000_003 * rank + 7919 * step) % 2**63
-
-
-def _join_process_group(device: torch.device) -> None:
-    """Join torchrun's process group once per process; it stays for later runs and is left at exit."""
-    if dist.is_initialized():
-        return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
 
 
 def _ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:

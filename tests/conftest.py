@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,13 @@ def expect_user_error(result, *fragments):
     assert "Traceback" not in text and len(text.splitlines()) == 1, text
     for fragment in fragments:
         assert fragment in text, text
+
+
+def torchrun(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` on this host."""
+    # one host: gloo on the loopback interface (the default interface may not accept local connections)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)

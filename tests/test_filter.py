@@ -77,3 +77,16 @@ def test_rejection_head_of_another_model_is_refused(setup, tmp_path):
     save_model(other, build_tiny(seed=3))
     user_error(run("filter", setup / "samples", "--head", setup / "rej.safetensors", "--model", other,
                    "--out", tmp_path / "k", "--device", "cpu"), "was made from model")
+
+
+def test_filter_under_torchrun_equals_one_process(setup, tiny_model_path, tmp_path):
+    from conftest import torchrun
+
+    args = ("filter", setup / "samples", "--head", setup / "rej.safetensors", "--threshold", 0.3, "--model",
+            tiny_model_path, "--batch", 1, "--device", "cpu")
+    ok(run(*args, "--out", tmp_path / "one"))
+    r = torchrun("-m", "ddguide", *args, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "one" / "index.csv").read_text() == (tmp_path / "two" / "index.csv").read_text()
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert r.stdout.count("kept") == 1  # one rank reports

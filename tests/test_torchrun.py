@@ -1,0 +1,92 @@
+"""Multi-process runs under `torchrun` on one CPU host (gloo): DDP training and sharded feature extraction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddguide import artifacts
+from ddguide.features import ExtractConfig, extract
+from ddguide.train import checkpoint_path
+
+from conftest import torchrun
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Ten 16 px images in two class folders."""
+    root = tmp_path_factory.mktemp("ranks") / "images"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+RANK_SCRIPT = """
+import sys
+import torch
+from pathlib import Path
+from ddguide import artifacts
+from ddguide.diffusion import DiffusionConfig
+from ddguide.models import process_shard
+from ddguide.train import Recipe, TrainConfig, fit, train
+from ddguide.unet import PRESETS, UNetModel
+
+images, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)
+train(TrainConfig(data=images, out=out, preset="tiny", steps=steps, batch=4, checkpoint_every=2,
+                  precision="fp32", device="cpu"))
+
+class Key:
+    def identity(self):
+        return {"probe": 1}
+
+torch.manual_seed(0)
+net = UNetModel(PRESETS["tiny"].unet)
+pixels = torch.randint(0, 255, (6, 16, 16, 3), dtype=torch.uint8)
+recipe = Recipe(steps=3, batch=4, lr=1e-3, warmup=0, ema_decay=0.9, grad_clip=1.0, precision="fp32",
+                checkpoint_every=3)
+fit(net, DiffusionConfig(1000, "linear"), recipe, Path(out + ".probe.ckpt"), Key(), torch.Generator().manual_seed(0),
+    lambda: (pixels, None), torch.device("cpu"))
+artifacts.save(f"{out}.rank{process_shard()[0]}", dict(net.state_dict()), kind="checkpoint", config={},
+               fingerprint="")
+"""
+
+
+def test_ddp_training_keeps_ranks_in_step_and_writes_one_model(images, tmp_path):
+    script, out = tmp_path / "ranks.py", tmp_path / "ddp.safetensors"
+    script.write_text(RANK_SCRIPT)
+    r = torchrun(script, images, out, 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the gradients are averaged over the ranks, so both hold the same weights after every step
+    a = artifacts.load(f"{out}.rank0", "checkpoint").tensors
+    b = artifacts.load(f"{out}.rank1", "checkpoint").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # one artifact, written by rank 0; the checkpoint holds both ranks' generator states
+    assert artifacts.load(out, "model").config["trained_steps"] == 4
+    ckpt = artifacts.load(checkpoint_path(out), "checkpoint")
+    assert {"rng", "rng.1"} <= set(ckpt.tensors) and not torch.equal(ckpt.tensors["rng"], ckpt.tensors["rng.1"])
+    # rerunning with more steps continues from that checkpoint
+    r = torchrun(script, images, out, 6)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert artifacts.load(out, "model").config["trained_steps"] == 6
+    assert len(artifacts.load(checkpoint_path(out), "checkpoint").tensors["losses"]) == 6
+
+
+def test_sharded_extract_equals_one_process(images, tiny_model_path, tmp_path):
+    whole = extract(ExtractConfig(data=str(images), out=str(tmp_path / "whole.safetensors"), model=str(tiny_model_path),
+                                  blocks=("mid", "out.2"), timesteps=(10, 500), noise="fixed", batch=3, device="cpu"))
+    out = tmp_path / "sharded.safetensors"
+    r = torchrun("-m", "ddguide", "extract", images, "--out", out, "--model", tiny_model_path, "--blocks", "mid",
+                 "--blocks", "out.2", "--timesteps", 10, "--timesteps", 500, "--noise", "fixed", "--batch", 3,
+                 "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = artifacts.load(whole, "features"), artifacts.load(out, "features")
+    assert a.config == b.config and a.fingerprint == b.fingerprint and set(a.tensors) == set(b.tensors)
+    for k in a.tensors:  # image k gets the same noise whichever rank computes it
+        assert torch.allclose(a.tensors[k].float(), b.tensors[k].float(), atol=1e-5), k
+    assert sorted(p.name for p in tmp_path.iterdir() if "part" in p.name) == []  # the parts are gone
