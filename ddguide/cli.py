@@ -276,6 +276,7 @@ def extract(
 ) -> None:
     """Extract denoiser features (native resolution, streamed to disk) with labels or masks."""
     from ddguide.features import ExtractConfig, extract as run
+    from ddguide.models import is_main_process
 
     cfg = ExtractConfig(data=str(data), out=str(out), model=str(model) if model else None, blocks=tuple(blocks),
                         timesteps=tuple(timesteps), noise=noise, seed=seed, labels=str(labels) if labels else None,
@@ -283,7 +284,8 @@ def extract(
                         device=device, precision=precision, resize=resize)
     with progress_bar("extracting") as bar:
         path = run(cfg, progress=bar.update)
-    out_console.print(f"wrote {path}")
+    if is_main_process():  # under torchrun, rank 0 joined the parts
+        out_console.print(f"wrote {path}")
 
 
 @app.command("train-head")
