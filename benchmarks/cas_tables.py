@@ -5,9 +5,9 @@
 
 The pipeline runs once: real train/test splits -> `finetune` of the unconditional model on the real train split
 -> synthetic training sets from the fine-tuned model (no guidance; classifier-free guidance with weight --cfg;
-CFG + rejection by a head on the *unconditional* model's mid features at T=300, 800 with threshold 0.2, 1x and
-2x the real set). Then a ResNet-18 is trained from scratch on each training set, once per seed, and tested on
-the real test split.
+CFG + rejection by a head on the *unconditional* model's mid features at T=300, 800 with threshold 0.2: two
+independent accepted sets of the real set's size, used alone (1x) or together (2x)). Then a ResNet-18 is trained
+from scratch on each training set, once per seed, and tested on the real test split.
 
 Table 3 analog: synthetic-only training sets vs real data. Table 4 analog: real data alone vs real + 1x and + 2x
 CFG + rejection samples, with and without mixup/cutmix. Figures are top-1 accuracy, mean ± std over the
@@ -71,11 +71,11 @@ def build_sets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     stage("rejection head", head, lambda: _head_note(train_head(
         TrainHeadConfig(str(feats), str(head), kind="rejection", seed=args.data_seed))))
 
-    def synthetic(name: str, w: float | None, reject: bool, copies: int) -> Path:
+    def synthetic(name: str, w: float | None, reject: bool, seed_offset: int = 0) -> Path:
         out = root / name
-        n = args.per_class * copies if reject else n_real * copies
+        n = args.per_class if reject else n_real
         cfg = SampleConfig(out=str(out), model=str(cond), n=n, steps=args.steps, sampler=args.sampler,
-                           seed=args.data_seed * 100000, batch=64, device="cpu")
+                           seed=args.data_seed * 100000 + seed_offset, batch=64, device="cpu")
 
         def run():
             if reject:
@@ -89,8 +89,9 @@ def build_sets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
 
     return {
         "real": real / "images", "test": test / "images",
-        "ft": synthetic("ft", None, False, 1), "cfg": synthetic("cfg", args.cfg, False, 1),
-        "cfg_rej": synthetic("cfg_rej", args.cfg, True, 1), "cfg_rej2": synthetic("cfg_rej2", args.cfg, True, 2),
+        "ft": synthetic("ft", None, False), "cfg": synthetic("cfg", args.cfg, False),
+        # two independent accepted sets of the real set's size: the second doubles the synthetic data
+        "cfg_rej": synthetic("cfg_rej", args.cfg, True), "cfg_rej_b": synthetic("cfg_rej_b", args.cfg, True, 50000),
     }
 
 
@@ -124,7 +125,7 @@ def one_seed(root: Path, sets: dict[str, Path], args: argparse.Namespace, seed: 
         tag = f" (mixup/cutmix {mix})" if mix else ""
         scores[f"T4 real{tag}"] = real if not mix else top1(root, sets, ["real"], args, seed, mix)
         scores[f"T4 real + 1x synthetic{tag}"] = top1(root, sets, ["real", "cfg_rej"], args, seed, mix)
-        scores[f"T4 real + 2x synthetic{tag}"] = top1(root, sets, ["real", "cfg_rej2"], args, seed, mix)
+        scores[f"T4 real + 2x synthetic{tag}"] = top1(root, sets, ["real", "cfg_rej", "cfg_rej_b"], args, seed, mix)
     return scores
 
 
