@@ -137,7 +137,8 @@ def sample(
     model: ModelOpt = None,
     n: Annotated[int, typer.Option(help="Number of images.")] = 16,
     steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
-    sampler: Annotated[str, typer.Option(help="ddim or ddpm (ancestral).")] = "ddim",
+    sampler: Annotated[str, typer.Option(
+        help="ddim, or ddpm (ancestral: cleaner samples from the shipped model, see the model card).")] = "ddim",
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like noise.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Image k uses seed + k.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
