@@ -33,7 +33,7 @@ from ddguide.shapes import MASK_CLASSES, ShapesConfig
 from ddguide.shapes import generate as generate_shapes
 
 ATTRIBUTES = ("has_circle", "multiple_objects", "has_red")  # shape, count, colour (main_left also works)
-BLOCKS, TIMESTEPS = ("mid", "out.5"), (300,)  # the classifier head's taps: mid + the second upsampling block
+TIMESTEPS = (300,)  # T_f of the classifier heads, whose taps are the model's attribute_blocks()
 
 
 def mean_std(values: list[float]) -> str:
@@ -109,7 +109,7 @@ def table1(ws: Workspace, seeds: list[int], n: int, steps: int, lam: float, pixe
             run = ws.root / f"t1-{attribute}-{seed}"
             folder, table = labelled(ws.pool(seed), attribute, 50, run / "labelled")
             feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
-                                          blocks=BLOCKS, timesteps=TIMESTEPS, labels=str(table),
+                                          blocks=ws.model.net.attribute_blocks(), timesteps=TIMESTEPS, labels=str(table),
                                           label=attribute, device="cpu"))
             head = train_head(TrainHeadConfig(str(feats), str(run / "head.safetensors"), seed=seed))
             pixel = train_head(TrainHeadConfig(str(feats), str(run / "pixel.safetensors"), kind="pixel", seed=seed))
@@ -183,7 +183,7 @@ def cost(ws: Workspace, batch: int) -> None:
     run = ws.root / "cost"
     folder, table = labelled(ws.pool(0), "has_circle", 16, run / "labelled")
     feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
-                                  blocks=BLOCKS, timesteps=TIMESTEPS, labels=str(table), label="has_circle",
+                                  blocks=ws.model.net.attribute_blocks(), timesteps=TIMESTEPS, labels=str(table), label="has_circle",
                                   device="cpu"))
     head = load_head(train_head(TrainHeadConfig(str(feats), str(run / "h.safetensors"), steps=10)))
     guides = [Guide(head, 1.0, 1)]
@@ -202,12 +202,12 @@ def cost(ws: Workspace, batch: int) -> None:
         eps = model(x_in, t)
         x0 = ((x_in - (1 - model.abar[500]).sqrt().float() * eps) / model.abar[500].sqrt().float()).clamp(-1, 1)
         taps = {}
-        hooks = [model.net.middle_block.register_forward_hook(lambda m, i, o: taps.__setitem__("mid", o)),
-                 model.net.output_blocks[5].register_forward_hook(lambda m, i, o: taps.__setitem__("out.5", o))]
+        hooks = [model.net.block_module(b).register_forward_hook(lambda m, i, o, b=b: taps.__setitem__(b, o))
+                 for b in model.net.attribute_blocks()]
         model(x0, torch.full((batch,), TIMESTEPS[0]))  # the whole network, as the reference code runs it
         for h in hooks:
             h.remove()
-        logits = head(head.inputs({f"feat.{b}@{TIMESTEPS[0]}": taps[b] for b in BLOCKS}))
+        logits = head(head.inputs({f"feat.{b}@{TIMESTEPS[0]}": o for b, o in taps.items()}))
         torch.autograd.grad(torch.log_softmax(logits, 1)[:, 1].sum(), x_in)
 
     full = head_guidance(model, guides, 1.0, indices, grad="full")

@@ -105,8 +105,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
     folder, table = labelled_subset(pool, cfg.attribute, cfg.labels)
 
     # 2. denoiser features and a classifier head on them
-    ups = model.net.upsampling_blocks()
-    blocks = cfg.blocks or ("mid", ups[min(1, len(ups) - 1)])
+    blocks = cfg.blocks or model.net.attribute_blocks()
     feats = extract(ExtractConfig(data=str(folder), out=str(out / "features.safetensors"), model=cfg.model,
                                   blocks=blocks, timesteps=cfg.timesteps, labels=str(table),
                                   label=cfg.attribute, device=cfg.device, precision=cfg.precision),

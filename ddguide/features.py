@@ -22,7 +22,8 @@ from ddguide import artifacts
 from ddguide.data import attribute_labels, list_images, load_image, paired_masks, to_tensor
 from ddguide.diffusion import q_sample
 from ddguide.errors import UserError
-from ddguide.models import Model, autocast, join_process_group, load_model, process_shard, resolve_device
+from ddguide.models import (Model, autocast, barrier, is_main_process, load_model, process_shard, resolve_device,
+                            shard_bounds)
 from ddguide.sampling import image_generators, per_image_randn
 
 NOISE_MODES = ("none", "fixed")
@@ -143,7 +144,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
 
     # under torchrun each rank extracts a consecutive slice of the images into a part; rank 0 joins the parts
     rank, world = process_shard()
-    lo, hi = n * rank // world, n * (rank + 1) // world
+    lo, hi = shard_bounds(n)
     dtype = torch.float16 if cfg.storage == "fp16" else torch.float32
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((hi - lo, size, size, 3), torch.uint8)}
     for t in spec.timesteps:
@@ -183,16 +184,13 @@ def _part_path(out: str | Path, rank: int, world: int) -> Path:
 
 def _join_parts(out: str | Path, world: int, config: dict[str, Any], fingerprint: str, device: torch.device) -> None:
     """Every rank waits for the others' parts; rank 0 joins them into ``out`` and removes them."""
-    import torch.distributed as dist
-
-    join_process_group(device)
-    dist.barrier()
-    if dist.get_rank() == 0:
+    barrier(device)
+    if is_main_process():
         parts = [_part_path(out, r, world) for r in range(world)]
         artifacts.join_row_parts(out, parts, kind="features", config=config, fingerprint=fingerprint)
         for part in parts:
             part.unlink()
-    dist.barrier()  # every rank returns once the joined artifact exists
+    barrier(device)  # every rank returns once the joined artifact exists
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from ddguide.features import compute
 from ddguide.generate import SampleConfig, draw, read_index, timesteps_for, write_grid, write_index, write_png
 from ddguide.guidance import class_labels, classifier_free, conditional
 from ddguide.heads import Head, check_compatible, load_head
-from ddguide.models import Model, join_process_group, load_model, process_shard, resolve_device
+from ddguide.models import Model, all_gather, barrier, is_main_process, load_model, resolve_device, shard_bounds
 
 Progress = Callable[[int, int], None]
 
@@ -99,8 +99,7 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
     targets = [rejector.class_index(r["class"]) for r in rows]
 
     # under torchrun each rank scores a consecutive slice of the rows; every rank then sees all probabilities
-    rank, world = process_shard()
-    lo, hi = len(rows) * rank // world, len(rows) * (rank + 1) // world
+    lo, hi = shard_bounds(len(rows))
     probs: list[float] = []
     for start in range(lo, hi, cfg.batch):
         chunk = rows[start:min(start + cfg.batch, hi)]
@@ -109,44 +108,25 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
                                         [int(r.get("index", start + i)) for i, r in enumerate(chunk)]).tolist()
         if progress:
             progress(start - lo + len(chunk), hi - lo)
-    if world > 1:
-        probs = _gather_lists(probs, world, device)
+    probs = [p for part in all_gather(probs, device) for p in part]
 
     keep = [r | {"reject_prob": round(p, 4)} for r, p in zip(rows, probs) if p >= cfg.threshold]
     if not keep:
         raise UserError(f"no sample reaches p >= {cfg.threshold}; nothing written (highest p {max(probs):.3f})")
     out.mkdir(parents=True, exist_ok=True)
-    for i, r in enumerate(rows):  # each rank copies the accepted images of its own slice
-        if lo <= i < hi and probs[i] >= cfg.threshold:
-            shutil.copyfile(folder / r["file"], out / r["file"])
-    if world > 1:
-        _barrier()
-    if rank == 0:
+    for i in range(lo, hi):  # each rank copies the accepted images of its own slice
+        if probs[i] >= cfg.threshold:
+            shutil.copyfile(folder / rows[i]["file"], out / rows[i]["file"])
+    barrier(device)
+    if is_main_process():
         write_index(out, keep)
         write_grid(out / "grid.png", [load_image(out / r["file"]) for r in keep[:64]])
-    if world > 1:
-        _barrier()  # every rank returns once the index exists
+    barrier(device)  # every rank returns once the index exists
     per_class: dict[str, tuple[int, int]] = {}
     for r, p in zip(rows, probs):
         kept, seen = per_class.get(r["class"], (0, 0))
         per_class[r["class"]] = (kept + (p >= cfg.threshold), seen + 1)
     return FilterResult(len(keep), len(rows), per_class)
-
-
-def _gather_lists(values: list[float], world: int, device) -> list[float]:
-    """The concatenation, in rank order, of every rank's list (each rank gets all of it)."""
-    import torch.distributed as dist
-
-    join_process_group(device)
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
 
 
 @dataclass

@@ -108,6 +108,12 @@ def is_main_process() -> bool:
     return process_shard()[0] == 0
 
 
+def shard_bounds(n: int) -> tuple[int, int]:
+    """The consecutive slice ``[lo, hi)`` of ``n`` items that this torchrun rank works on (all of them alone)."""
+    rank, world = process_shard()
+    return n * rank // world, n * (rank + 1) // world
+
+
 def join_process_group(device: torch.device) -> None:
     """Join torchrun's process group (gloo on CPU, NCCL on CUDA) once per process; it is left at exit."""
     import torch.distributed as dist
@@ -116,6 +122,28 @@ def join_process_group(device: torch.device) -> None:
         return
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     atexit.register(dist.destroy_process_group)
+
+
+def all_gather(value: Any, device: torch.device) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in a single process."""
+    world = process_shard()[1]
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    join_process_group(device)
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier(device: torch.device) -> None:
+    """Wait for every rank of a torchrun group (nothing to wait for in a single process)."""
+    if process_shard()[1] > 1:
+        import torch.distributed as dist
+
+        join_process_group(device)
+        dist.barrier()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

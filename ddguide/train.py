@@ -20,8 +20,8 @@ from ddguide import artifacts
 from ddguide.data import list_images, load_image, to_tensor
 from ddguide.diffusion import DiffusionConfig, alphas_cumprod, q_sample, split_output
 from ddguide.errors import UserError
-from ddguide.models import (Model, autocast, is_main_process, join_process_group, process_shard, resolve_device,
-                            save_model)
+from ddguide.models import (Model, all_gather, autocast, is_main_process, join_process_group, process_shard,
+                            resolve_device, save_model)
 from ddguide.unet import UNetModel, get_preset
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
@@ -81,7 +81,6 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    images = load_dataset(cfg.data, preset.unet.image_size, cfg.resize)
 
     # the network drawn from its own seed, so initialisation does not depend on the global generator
     init = torch.Generator().manual_seed(cfg.seed)
@@ -93,7 +92,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.grad_clip, cfg.precision,
                     cfg.checkpoint_every)
     ema, state = fit(net.to(device), diffusion, recipe, checkpoint_path(cfg.out), cfg,
-                     torch.Generator().manual_seed(cfg.seed), lambda: (images, None), device, progress)
+                     torch.Generator().manual_seed(cfg.seed),
+                     lambda: (load_dataset(cfg.data, preset.unet.image_size, cfg.resize), None), device, progress)
 
     # the artifact (written once, by rank 0 under torchrun): EMA weights plus the full training config
     if not is_main_process():
@@ -180,7 +180,7 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
 
         # checkpoint, then report: a stop during the report loses no finished step
         if state.step % recipe.checkpoint_every == 0 or state.step == recipe.steps:
-            rngs = _gather_rng_states(gen, world)
+            rngs = all_gather(gen.get_state(), device)
             if rank == 0:
                 _save_checkpoint(ckpt, key, net, ema, opt, gen, state, rngs[1:])
         if progress and rank == 0:
@@ -207,14 +207,6 @@ def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
         dist.all_reduce(loss)
         loss /= world
     return loss.item()
-
-
-def _gather_rng_states(gen: torch.Generator, world: int) -> list[torch.Tensor]:
-    if world == 1:
-        return [gen.get_state()]
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, gen.get_state())
-    return states
 
 
 def _warm_start(net: UNetModel, path: str) -> None:

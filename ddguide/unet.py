@@ -254,6 +254,17 @@ class UNetModel(nn.Module):
         return [f"out.{i}" for i, block in enumerate(self.output_blocks)
                 if isinstance(block[-1], Upsample) or (isinstance(block[-1], ResBlock) and block[-1].updown)]
 
+    def attribute_blocks(self) -> tuple[str, str]:
+        """The taps of the paper's attribute heads (§5.1): ``mid`` and the second upsampling block."""
+        ups = self.upsampling_blocks()
+        return "mid", ups[min(1, len(ups) - 1)]
+
+    def block_module(self, name: str) -> nn.Module:
+        """The module whose output is the tap ``name``."""
+        self._check_blocks([name])
+        modules = [*self.input_blocks, self.middle_block, *self.output_blocks]  # block_names() order
+        return modules[self.block_names().index(name)]
+
     def block_channels(self, name: str) -> int:
         """Channels of a tapped block's output."""
         self._check_blocks([name])

@@ -420,3 +420,13 @@ def test_upsampling_blocks_are_the_resolution_doubling_output_blocks():
     assert UNetModel(PRESETS["shapes32"].unet).upsampling_blocks() == ["out.2", "out.5", "out.8"]
     with torch.device("meta"):  # resblock_updown variant
         assert UNetModel(PRESETS["64x64_diffusion"].unet).upsampling_blocks() == ["out.3", "out.7", "out.11"]
+
+
+def test_attribute_blocks_and_block_modules():
+    from conftest import build_tiny
+
+    net = build_tiny().net
+    mid, up = net.attribute_blocks()
+    assert mid == "mid" and up in net.upsampling_blocks()
+    assert net.block_module("mid") is net.middle_block and net.block_module("in.0") is net.input_blocks[0]
+    assert net.block_module(f"out.{len(net.output_blocks) - 1}") is net.output_blocks[-1]
