@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--precision", default="fp32", help="of the ResNet training (fp32 is faster here)")
     parser.add_argument("--stem", default="imagenet", choices=("imagenet", "small"),
-                        help="ResNet stem: torchvision's stride-4 one (3x cheaper on a CPU) or the 3x3 small-input one")
+                        help="ResNet stem: torchvision's stride-4 one (cheaper on a CPU) or the 3x3 small-input one")
     parser.add_argument("--mixup-cutmix", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds")
     args = parser.parse_args()

@@ -2,14 +2,15 @@
 
     python benchmarks/model_card.py [--model M] [--n 512] [--steps 50] [--grid docs/shapes32-samples.png]
 
-Prints the share of samples the oracle recognises as valid images of the domain, and the attribute and class
-frequencies of the valid samples next to those of real data (1000 held-out images).
+Prints the share of samples the oracle recognises as valid images of the domain, the rules the others break,
+and the attribute and class frequencies of the valid samples next to those of real data (1000 held-out images).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,12 @@ def main() -> None:
         generate_shapes(Path(tmp), ShapesConfig(n=1000, seed=777, split="test"))
         real = np.stack([load_image(f) for f in list_images(Path(tmp) / "images")])
 
-    valid = oracles.is_valid(samples)
+    reasons = [oracles.rejection_reasons(im) for im in samples]
+    valid = np.array([not r for r in reasons])
     print(f"{args.n} samples, {args.sampler} {args.steps} steps: {valid.mean():.1%} recognised as valid by the oracle")
+    broken = Counter(rule for r in reasons for rule in r)
+    print("rules broken (share of samples; a sample may break several): "
+          + ", ".join(f"{rule} {count / args.n:.0%}" for rule, count in broken.most_common()))
     if args.grid:
         write_grid(args.grid, list(samples[:64]), columns=8)
         print(f"grid of the first 64 samples: {args.grid}")

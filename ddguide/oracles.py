@@ -210,21 +210,33 @@ def _attributes(reading: Reading, size: int) -> dict[str, bool]:
     }
 
 
+def rejection_reasons(image: np.ndarray) -> list[str]:
+    """Why ``is_valid`` rejects one uint8 (H, W, 3) image: the names of the broken rules (empty when valid)."""
+    return _broken_rules(read(image), image.shape[0])
+
+
 def _valid(reading: Reading, size: int) -> bool:
-    """The rules every real image obeys, with a little slack for imperfect samples."""
+    return not _broken_rules(reading, size)
+
+
+def _broken_rules(reading: Reading, size: int) -> list[str]:
+    """The rules every real image obeys, with a little slack for imperfect samples, that this one breaks."""
     objs, foreign = reading.objects, reading.foreign
-    if not 1 <= len(objs) <= 3 or foreign.mean() > MAX_FOREIGN or reading.edge_contrast < MIN_EDGE_CONTRAST:
-        return False
-    if ndimage.binary_opening(foreign, structure=_EIGHT).any():  # a 3x3 blob of a colour the data never has
-        return False
     lim = shapes.size_limits(size)
-    if any(o.iou < MIN_IOU or o.lead < MIN_IOU_LEAD for o in objs):
-        return False
-    if any(not lim.other_min - 1 <= o.side <= lim.main_max + 1 for o in objs):
-        return False
-    if len(objs) > 1 and objs[0].side - objs[1].side < lim.margin - 1:  # the main object must stand out
-        return False
-    return _apart(objs, size)
+    rules = {
+        "object count": not 1 <= len(objs) <= 3,
+        "foreign pixels": foreign.mean() > MAX_FOREIGN,
+        "blur": reading.edge_contrast < MIN_EDGE_CONTRAST,
+        # a 3x3 blob of a colour the data never has
+        "foreign blob": bool(ndimage.binary_opening(foreign, structure=_EIGHT).any()),
+        "shape fit": any(o.iou < MIN_IOU for o in objs),
+        "ambiguous shape": any(o.lead < MIN_IOU_LEAD for o in objs),
+        "object size": any(not lim.other_min - 1 <= o.side <= lim.main_max + 1 for o in objs),
+        # the main object must stand out
+        "no main object": len(objs) > 1 and objs[0].side - objs[1].side < lim.margin - 1,
+        "touching": bool(objs) and not _apart(objs, size),
+    }
+    return [name for name, broken in rules.items() if broken]
 
 
 def _apart(objs: list[DetectedObject], size: int) -> bool:

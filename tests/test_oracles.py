@@ -84,6 +84,12 @@ def test_is_valid_follows_the_scene_rules():
     }
     for why, image in broken.items():
         assert not oracles.is_valid(image).any(), why
+    # the rule each scene breaks is named
+    named = {"touches the border": "touching", "objects touch": "touching", "no main object": "no main object",
+             "too small": "object size", "four objects": "object count", "background only": "object count"}
+    for why, rule in named.items():
+        assert rule in oracles.rejection_reasons(broken[why][0]), (why, oracles.rejection_reasons(broken[why][0]))
+    assert oracles.rejection_reasons(_scene(shapes.Shape(square, 0, 14, 4, 4))[0]) == []
 
 
 def test_outputs_have_documented_types(held_out):
