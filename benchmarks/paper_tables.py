@@ -109,8 +109,8 @@ def table1(ws: Workspace, seeds: list[int], n: int, steps: int, lam: float, pixe
             run = ws.root / f"t1-{attribute}-{seed}"
             folder, table = labelled(ws.pool(seed), attribute, 50, run / "labelled")
             feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
-                                          blocks=ws.model.net.attribute_blocks(), timesteps=TIMESTEPS, labels=str(table),
-                                          label=attribute, device="cpu"))
+                                          blocks=ws.model.net.attribute_blocks(), timesteps=TIMESTEPS,
+                                          labels=str(table), label=attribute, device="cpu"))
             head = train_head(TrainHeadConfig(str(feats), str(run / "head.safetensors"), seed=seed))
             pixel = train_head(TrainHeadConfig(str(feats), str(run / "pixel.safetensors"), kind="pixel", seed=seed))
             heads_acc.append(load_head(head).cfg.metrics["val_accuracy"])
@@ -183,8 +183,8 @@ def cost(ws: Workspace, batch: int) -> None:
     run = ws.root / "cost"
     folder, table = labelled(ws.pool(0), "has_circle", 16, run / "labelled")
     feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
-                                  blocks=ws.model.net.attribute_blocks(), timesteps=TIMESTEPS, labels=str(table), label="has_circle",
-                                  device="cpu"))
+                                  blocks=ws.model.net.attribute_blocks(), timesteps=TIMESTEPS, labels=str(table),
+                                  label="has_circle", device="cpu"))
     head = load_head(train_head(TrainHeadConfig(str(feats), str(run / "h.safetensors"), steps=10)))
     guides = [Guide(head, 1.0, 1)]
     x = torch.randn(batch, 3, model.image_size, model.image_size)
