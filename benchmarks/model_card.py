@@ -1,6 +1,7 @@
 """Quality of an unconditional shapes model, judged by the oracle: the figures of the README's model card.
 
     python benchmarks/model_card.py [--model M] [--n 512] [--steps 50] [--grid docs/shapes32-samples.png]
+                                    [--failures shape-failures.png]
 
 Prints the share of samples the oracle recognises as valid images of the domain, the rules the others break,
 and the attribute and class frequencies of the valid samples next to those of real data (1000 held-out images).
@@ -35,6 +36,29 @@ def sample_images(model_path: str | None, n: int, steps: int, sampler: str, batc
     return np.concatenate(parts)
 
 
+def shape_failures(samples: np.ndarray, path: Path, pad: int = 2) -> None:
+    """Crop every object whose template fit is poor or not clearly one shape, print their widths, save a grid."""
+    crops, widths = [], Counter()
+    for image in samples:
+        for o in oracles.read(image).objects:
+            if o.iou < oracles.MIN_IOU or o.lead < oracles.MIN_IOU_LEAD:
+                y0, x0, y1, x1 = o.box
+                crop = np.zeros((y1 - y0 + 2 * pad, x1 - x0 + 2 * pad, 3), np.uint8)
+                part = image[max(y0 - pad, 0):y1 + pad, max(x0 - pad, 0):x1 + pad]
+                crop[:part.shape[0], :part.shape[1]] = part
+                crops.append(crop)
+                widths[o.side] += 1
+    if not crops:
+        print("no object breaks a shape rule")
+        return
+    side = max(max(c.shape[:2]) for c in crops)
+    tiles = [np.pad(c, ((0, side - c.shape[0]), (0, side - c.shape[1]), (0, 0))).repeat(8, 0).repeat(8, 1)
+             for c in crops]
+    write_grid(path, tiles, columns=8)
+    print(f"{len(crops)} objects break a shape rule; their widths in px: "
+          + ", ".join(f"{w}: {k}" for w, k in sorted(widths.items())) + f"; enlarged crops: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -42,6 +66,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     parser.add_argument("--grid", type=Path, default=None, help="write the first 64 samples here")
+    parser.add_argument("--failures", type=Path, default=None,
+                        help="write the objects that break a shape rule here, cropped and enlarged 8x")
     args = parser.parse_args()
 
     samples = sample_images(args.model, args.n, args.steps, args.sampler)
@@ -58,6 +84,8 @@ def main() -> None:
     if args.grid:
         write_grid(args.grid, list(samples[:64]), columns=8)
         print(f"grid of the first 64 samples: {args.grid}")
+    if args.failures:
+        shape_failures(samples, args.failures)
     good = samples[valid]
     if len(good) == 0:
         return
