@@ -25,14 +25,15 @@ from ddguide.shapes import ATTRIBUTES, CLASS_NAMES, ShapesConfig
 from ddguide.shapes import generate as generate_shapes
 
 
-def sample_images(model_path: str | None, n: int, steps: int, sampler: str, batch: int = 64) -> np.ndarray:
+def sample_images(model_path: str | None, n: int, steps: int, sampler: str, eta: float = 0.0,
+                  batch: int = 64) -> np.ndarray:
     model = load_model(model_path)
     denoiser = plain_denoiser(model, torch.device("cpu"), "fp32")
     kept = timesteps_for(model, steps, sampler)
     parts = []
     for first in range(0, n, batch):
         indices = list(range(first, min(first + batch, n)))
-        parts.append(to_uint8(draw(model, denoiser, indices, 0, kept, sampler)))
+        parts.append(to_uint8(draw(model, denoiser, indices, 0, kept, sampler, eta)))
     return np.concatenate(parts)
 
 
@@ -65,19 +66,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM eta (1: ancestral steps with the posterior variance, 'fixed small')")
     parser.add_argument("--grid", type=Path, default=None, help="write the first 64 samples here")
     parser.add_argument("--failures", type=Path, default=None,
                         help="write the objects that break a shape rule here, cropped and enlarged 8x")
     args = parser.parse_args()
 
-    samples = sample_images(args.model, args.n, args.steps, args.sampler)
+    samples = sample_images(args.model, args.n, args.steps, args.sampler, args.eta)
     with tempfile.TemporaryDirectory() as tmp:
         generate_shapes(Path(tmp), ShapesConfig(n=1000, seed=777, split="test"))
         real = np.stack([load_image(f) for f in list_images(Path(tmp) / "images")])
 
     reasons = [oracles.rejection_reasons(im) for im in samples]
     valid = np.array([not r for r in reasons])
-    print(f"{args.n} samples, {args.sampler} {args.steps} steps: {valid.mean():.1%} recognised as valid by the oracle")
+    label = f"{args.sampler} eta {args.eta:g}" if args.sampler == "ddim" else args.sampler
+    print(f"{args.n} samples, {label} {args.steps} steps: {valid.mean():.1%} recognised as valid by the oracle")
     broken = Counter(rule for r in reasons for rule in r)
     print("rules broken (share of samples; a sample may break several): "
           + ", ".join(f"{rule} {count / args.n:.0%}" for rule, count in broken.most_common()))

@@ -202,6 +202,9 @@ def train(
     steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 20000,
     batch: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    lr_final: Annotated[Optional[float], typer.Option(
+        help="Decay the learning rate along a half cosine to this by the last step (default: constant). "
+             "The run is then tied to --steps.")] = None,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights that are shipped.")] = 0.999,
     grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
     schedule: Annotated[Optional[str], typer.Option(help="linear or cosine (default: the preset's).")] = None,
@@ -221,7 +224,7 @@ def train(
     from ddguide.train import TrainConfig, train as run
 
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
-                      grad_clip=grad_clip, schedule=schedule, precision=precision, seed=seed,
+                      grad_clip=grad_clip, lr_final=lr_final, schedule=schedule, precision=precision, seed=seed,
                       checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads,
                       init=str(init) if init else None)
     with progress_bar("training") as bar:

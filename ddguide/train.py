@@ -7,6 +7,7 @@ random generator state and the loss history; rerunning the same command continue
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class TrainConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    lr_final: float | None = None  # cosine decay of the learning rate to this by the last step (None: constant)
     schedule: str | None = None  # None: the preset's schedule
     precision: str = "bf16"
     seed: int = 0
@@ -48,9 +50,12 @@ class TrainConfig:
     init: str | None = None  # start from this model artifact's weights (a fresh optimiser)
 
     def identity(self) -> dict[str, Any]:
-        """The options a checkpoint must agree with to be resumed (not the step count or the device)."""
-        keep = ("data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed", "init")
-        # `init` joined later: leaving it out when unset keeps older checkpoints resumable
+        """The options a checkpoint must agree with to be resumed: not the device, nor the step count unless the
+        learning rate decays over it."""
+        keep = ["data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed", "init"]
+        if self.lr_final is not None:
+            keep += ["lr_final", "steps"]
+        # `init` and `lr_final` joined later: leaving them out when unset keeps older checkpoints resumable
         return {k: v for k, v in asdict(self).items() if k in keep and not (k == "init" and v is None)}
 
 
@@ -75,6 +80,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     """Train (or resume) and write the EMA weights as a ``model`` artifact at ``cfg.out``."""
     if cfg.steps < 1 or cfg.batch < 1 or cfg.checkpoint_every < 1:
         raise UserError("--steps, --batch and --checkpoint-every must be >= 1")
+    if not cfg.lr > 0 or (cfg.lr_final is not None and not 0 <= cfg.lr_final <= cfg.lr):
+        raise UserError("--lr must be > 0 and --lr-final between 0 and --lr")
     preset = get_preset(cfg.preset)
     diffusion = DiffusionConfig(preset.diffusion.steps, cfg.schedule or preset.diffusion.schedule,
                                 preset.diffusion.rescale_timesteps)
@@ -90,7 +97,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     if cfg.init:
         _warm_start(net, cfg.init)
     recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.grad_clip, cfg.precision,
-                    cfg.checkpoint_every)
+                    cfg.checkpoint_every, cfg.lr_final)
     ema, state = fit(net.to(device), diffusion, recipe, checkpoint_path(cfg.out), cfg,
                      torch.Generator().manual_seed(cfg.seed),
                      lambda: (load_dataset(cfg.data, preset.unet.image_size, cfg.resize), None), device, progress)
@@ -108,7 +115,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
 @dataclass
 class Recipe:
     """How one run of the epsilon-prediction objective (Ho et al.'s L_simple) optimises: what ``train`` and
-    ``finetune`` share. ``warmup`` ramps the learning rate linearly over its first steps (0: none)."""
+    ``finetune`` share. ``warmup`` ramps the learning rate linearly over its first steps (0: none); after it the
+    rate stays at ``lr``, or with ``lr_final`` follows a half cosine from ``lr`` down to ``lr_final`` at ``steps``."""
 
     steps: int
     batch: int
@@ -118,6 +126,16 @@ class Recipe:
     grad_clip: float
     precision: str
     checkpoint_every: int
+    lr_final: float | None = None
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the update that ends step ``step + 1``."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.lr_final is None:
+            return self.lr
+        done = (step + 1 - self.warmup) / max(self.steps - self.warmup, 1)
+        return self.lr_final + (self.lr - self.lr_final) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 Labels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # batch indices -> class ids for the batch
@@ -172,7 +190,7 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
         loss.backward()  # DDP leaves every rank with the mean gradient
         torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * min(1.0, (state.step + 1) / max(recipe.warmup, 1))
+            group["lr"] = recipe.lr_at(state.step)
         opt.step()
         _ema_update(ema, net, recipe.ema_decay, state.step)
         state.step += 1

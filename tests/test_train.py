@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ddguide import artifacts
 from ddguide.cli import app
-from ddguide.train import TrainConfig, checkpoint_path, train
+from ddguide.train import Recipe, TrainConfig, checkpoint_path, train
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,31 @@ def test_init_starts_from_a_model(images, tmp_path):
     train(cfg(images, first))
     train(cfg(images, tmp_path / "second.safetensors", init=str(first)))
     assert artifacts.load(tmp_path / "second.safetensors", "model").config["train"]["init"] == str(first)
+
+
+def test_learning_rate_schedule():
+    recipe = Recipe(steps=1000, batch=4, lr=1e-3, warmup=100, ema_decay=0.999, grad_clip=1.0, precision="fp32",
+                    checkpoint_every=10)
+    assert recipe.lr_at(0) == pytest.approx(1e-5) and recipe.lr_at(99) == recipe.lr_at(999) == 1e-3
+    recipe.lr_final = 1e-4
+    assert recipe.lr_at(99) == pytest.approx(1e-3)  # the decay starts where the warm-up ends
+    assert recipe.lr_at(549) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert recipe.lr_at(999) == pytest.approx(1e-4)
+    lrs = [recipe.lr_at(s) for s in range(100, 1000)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_a_decaying_run_is_tied_to_its_step_count(images, tmp_path):
+    out = tmp_path / "m.safetensors"
+    plain = cfg(images, out)
+    assert "lr_final" not in plain.identity() and "steps" not in plain.identity()  # older checkpoints resume
+    train(cfg(images, out, lr_final=0.0))
+    art = artifacts.load(out, "model")
+    assert art.config["train"]["lr_final"] == 0.0
+    r = CliRunner().invoke(app, ["train", str(images), "--out", str(out), "--preset", "tiny", "--steps", "8",
+                                 "--batch", "4", "--lr-final", "0", "--device", "cpu"])
+    assert r.exit_code == 2 and "different training run" in r.output
+    one_line_error(_train_cli(images, tmp_path, "--lr-final", "1"), "--lr-final")
 
 
 def _train_cli(folder, tmp_path, *extra):
