@@ -149,7 +149,8 @@ def sample(
     guide: Annotated[Optional[list[str]], typer.Option(
         help="Head to guide with, HEAD[:weight[:target]]; repeat for a product of experts.")] = None,
     target: Annotated[Optional[str], typer.Option(help="Class the classifier heads should see (e.g. 1).")] = None,
-    mask: Annotated[Optional[Path], typer.Option(help="Mask (PNG or .npy of class ids) for segmentation heads.")] = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        help="Mask (PNG or .npy of class ids) for segmentation heads.")] = None,
     lam: Annotated[float, typer.Option("--lambda", help="Guidance scale lambda of Eq. 13.")] = 1.0,
     guide_grad: Annotated[str, typer.Option(
         help="full: differentiate through the denoiser (paper); x0: hold eps constant (cheaper).")] = "full",
@@ -214,7 +215,8 @@ def train(
     resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
     init: Annotated[Optional[Path], typer.Option(
-        help="Start from this model artifact's weights (same preset), e.g. to train the shipped model further.")] = None,
+        help="Start from this model artifact's weights (same preset), e.g. to train the shipped model "
+             "further.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train an unconditional diffusion model; rerun the same command to resume after a stop.

@@ -1,8 +1,9 @@
 """DDIM and DDPM ancestral samplers as plain functions of (denoiser, x, timesteps, generators).
 
 Samplers do not touch autograd: callers run them under ``torch.no_grad()`` and guidance wrappers re-enable
-gradients for their own pass. A *denoiser* is any callable ``denoiser(x_t, t) -> out`` where ``t`` holds per-image indices into the model's
-original schedule and ``out`` is the network output (eps, plus learned-variance channels when sigma is learned).
+gradients for their own pass. A *denoiser* is any callable ``denoiser(x_t, t) -> out`` where ``t`` holds
+per-image indices into the model's original schedule and ``out`` is the network output (eps, plus
+learned-variance channels when sigma is learned).
 Guidance is a wrapper with the same signature (see ``guidance.py``), so the loops below never change.
 
 Randomness is one ``torch.Generator`` per image, seeded with ``seed + index``: image k gets the same noise
