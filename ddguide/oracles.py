@@ -6,7 +6,8 @@ Each image is read the way the generator drew it (``ddguide.shapes``):
    all of them, and background pixels of another tone than the image's dominant one, are *foreign*;
 2. the 8-connected components of each object colour are the objects (tiny ones are specks, also foreign);
 3. each object's shape is the template (``shapes.shape_mask``) that best overlaps it (IoU), tried at the
-   sides and corners its bounding box allows, so a pixel or two of noise on an edge changes nothing.
+   sides and corners its bounding box allows, and stretched to the box when the box is one pixel off
+   square, so a pixel or two of noise on an edge changes nothing.
 
 Labels then follow the generator's definitions: the main object is the widest one, the class is its
 colour and shape. ``is_valid`` checks the rules every real image obeys (1-3 well-formed objects apart from
@@ -163,24 +164,26 @@ def _batch(images: np.ndarray) -> np.ndarray:
 
 
 def _recognise(colour: int, pixels: np.ndarray, box: tuple[slice, slice]) -> DetectedObject:
-    """Match a component against every shape's template at the sides and corners its box allows."""
+    """Match a component against every shape's template at the sides and corners its box allows, and against
+    the box itself when it is one pixel off square."""
     y0, y1, x0, x1 = box[0].start, box[0].stop, box[1].start, box[1].stop
+    fits = {(side, side, ty, tx) for side in {y1 - y0, x1 - x0} for ty in {y0, y1 - side} for tx in {x0, x1 - side}}
+    if abs((y1 - y0) - (x1 - x0)) == 1:
+        fits.add((y1 - y0, x1 - x0, y0, x0))
     best = np.zeros(len(shapes.MASK_CLASSES))
-    for side in {y1 - y0, x1 - x0}:
-        for ty in {y0, y1 - side}:
-            for tx in {x0, x1 - side}:
-                for shape in range(1, len(shapes.MASK_CLASSES)):
-                    best[shape] = max(best[shape], _iou_at(pixels, shape, side, ty, tx))
+    for shape in range(1, len(shapes.MASK_CLASSES)):
+        best[shape] = max(_iou_at(pixels, shape, *fit) for fit in fits)
     ranked = np.argsort(best)[::-1]
     return DetectedObject(colour, int(ranked[0]), pixels, (y0, x0, y1, x1),
                           float(best[ranked[0]]), float(best[ranked[0]] - best[ranked[1]]))
 
 
-def _iou_at(pixels: np.ndarray, shape: int, side: int, ty: int, tx: int) -> float:
-    """IoU of a component with a template of ``side`` whose top-left corner is (ty, tx)."""
+def _iou_at(pixels: np.ndarray, shape: int, height: int, width: int, ty: int, tx: int) -> float:
+    """IoU of a component with a (height, width) template whose top-left corner is (ty, tx)."""
     template = np.zeros_like(pixels)
-    window = template[max(ty, 0):ty + side, max(tx, 0):tx + side]
-    window[...] = shapes.shape_mask(shape, side)[max(-ty, 0):, max(-tx, 0):][:window.shape[0], :window.shape[1]]
+    window = template[max(ty, 0):ty + height, max(tx, 0):tx + width]
+    mask = shapes.shape_mask(shape, height, width)
+    window[...] = mask[max(-ty, 0):, max(-tx, 0):][:window.shape[0], :window.shape[1]]
     inter = np.count_nonzero(template & pixels)
     return inter / (np.count_nonzero(template) + np.count_nonzero(pixels) - inter)
 

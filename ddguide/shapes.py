@@ -129,26 +129,30 @@ def check_config(cfg: ShapesConfig) -> None:
 
 
 @lru_cache(maxsize=None)
-def shape_mask(shape: int, side: int) -> np.ndarray:
-    """Hard-edged (side, side) bool mask of a shape; its bounding box is exactly side x side.
+def shape_mask(shape: int, side: int, width: int | None = None) -> np.ndarray:
+    """Hard-edged (side, width) bool mask of a shape; its bounding box is exactly side x width.
 
     Shapes are defined on pixel centres, so the same function draws images and is the template the
-    oracle matches components against.
+    oracle matches components against. The generator draws squares only (``width`` left out); the oracle also
+    asks for boxes one pixel off square, stretching the shape along x.
     """
-    c = np.arange(side) + 0.5 - side / 2  # pixel centre offsets from the square's centre
-    dy, dx = np.meshgrid(c, c, indexing="ij")
+    width = side if width is None else width
+    cy = np.arange(side) + 0.5 - side / 2  # pixel centre offsets from the box's centre
+    cx = np.arange(width) + 0.5 - width / 2
+    dy, dx = np.meshgrid(cy, cx, indexing="ij")
     name = MASK_CLASSES[shape]
     if name == "circle":
         # radius a little under side/2: rounder at small sides while keeping the full bounding box
-        mask = dx**2 + dy**2 <= (side / 2 - 0.3) ** 2
+        ry, rx = side / 2 - 0.3, width / 2 - 0.3
+        mask = dx**2 + dy**2 <= ry**2 if width == side else (dx / rx) ** 2 + (dy / ry) ** 2 <= 1
     elif name == "square":
-        mask = np.ones((side, side), bool)
+        mask = np.ones((side, width), bool)
     elif name == "triangle":
-        # apex up, base on the bottom row: half-width grows by 1/2 px per row
+        # apex up, base on the bottom row: half-width grows by width / (2 side) px per row
         row = np.arange(side)[:, None]
-        mask = np.abs(dx) <= (row + 1) / 2
+        mask = np.abs(dx) * side <= (row + 1) * width / 2
     elif name == "diamond":
-        mask = np.abs(dx) + np.abs(dy) <= side / 2
+        mask = np.abs(dx) * side + np.abs(dy) * width <= side * width / 2
     else:
         raise ValueError(f"unknown shape id {shape}")
     mask.setflags(write=False)  # cached: shared by every caller

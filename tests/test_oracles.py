@@ -92,6 +92,24 @@ def test_is_valid_follows_the_scene_rules():
     assert oracles.rejection_reasons(_scene(shapes.Shape(square, 0, 14, 4, 4))[0]) == []
 
 
+def _painted(shape: int, height: int, width: int) -> np.ndarray:
+    """A one-object scene whose object is the template stretched to (height, width) at (9, 9)."""
+    image = _scene()[0].copy()
+    image[9:9 + height, 9:9 + width][shapes.shape_mask(shape, height, width)] = list(shapes.PALETTE.values())[0]
+    return image
+
+
+def test_a_box_one_pixel_off_square_is_matched_stretched():
+    for shape in range(1, len(shapes.MASK_CLASSES)):
+        for height, width in ((13, 14), (12, 11), (9, 10)):
+            (obj,) = oracles.read(_painted(shape, height, width)).objects
+            assert obj.shape == shape and obj.iou == 1.0, (shape, height, width)
+            assert oracles.rejection_reasons(_painted(shape, height, width)) == [], (shape, height, width)
+    # further from square the data has no such object: a 9 x 14 box fits no template
+    square = shapes.MASK_CLASSES.index("square")
+    assert "shape fit" in oracles.rejection_reasons(_painted(square, 9, 14))
+
+
 def test_outputs_have_documented_types(held_out):
     image = held_out[0][0]
     assert oracles.predict_masks(image).dtype == np.int64 and oracles.predict_masks(image).shape == (1, 32, 32)
