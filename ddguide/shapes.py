@@ -134,7 +134,7 @@ def shape_mask(shape: int, side: int, width: int | None = None) -> np.ndarray:
 
     Shapes are defined on pixel centres, so the same function draws images and is the template the
     oracle matches components against. The generator draws squares only (``width`` left out); the oracle also
-    asks for boxes one pixel off square, stretching the shape along x.
+    asks for boxes one pixel off square (``side`` rows by ``width`` columns).
     """
     width = side if width is None else width
     cy = np.arange(side) + 0.5 - side / 2  # pixel centre offsets from the box's centre
