@@ -38,17 +38,17 @@ def sample_images(model_path: str | None, n: int, steps: int, sampler: str, eta:
 
 
 def shape_failures(samples: np.ndarray, path: Path, pad: int = 2) -> None:
-    """Crop every object whose template fit is poor or not clearly one shape, print their widths, save a grid."""
-    crops, widths = [], Counter()
+    """Crop every object whose template fit is poor or not clearly one shape, print their sizes, save a grid."""
+    crops, sides = [], Counter()
     for image in samples:
         for o in oracles.read(image).objects:
-            if o.iou < oracles.MIN_IOU or o.lead < oracles.MIN_IOU_LEAD:
+            if o.poor_fit or o.ambiguous:
                 y0, x0, y1, x1 = o.box
                 crop = np.zeros((y1 - y0 + 2 * pad, x1 - x0 + 2 * pad, 3), np.uint8)
                 part = image[max(y0 - pad, 0):y1 + pad, max(x0 - pad, 0):x1 + pad]
                 crop[:part.shape[0], :part.shape[1]] = part
                 crops.append(crop)
-                widths[o.side] += 1
+                sides[o.side] += 1
     if not crops:
         print("no object breaks a shape rule")
         return
@@ -56,8 +56,8 @@ def shape_failures(samples: np.ndarray, path: Path, pad: int = 2) -> None:
     tiles = [np.pad(c, ((0, side - c.shape[0]), (0, side - c.shape[1]), (0, 0))).repeat(8, 0).repeat(8, 1)
              for c in crops]
     write_grid(path, tiles, columns=8)
-    print(f"{len(crops)} objects break a shape rule; their widths in px: "
-          + ", ".join(f"{w}: {k}" for w, k in sorted(widths.items())) + f"; enlarged crops: {path}")
+    print(f"{len(crops)} objects break a shape rule; the longer side of their boxes in px: "
+          + ", ".join(f"{w}: {k}" for w, k in sorted(sides.items())) + f"; enlarged crops: {path}")
 
 
 def main() -> None:
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--failures", type=Path, default=None,
                         help="write the objects that break a shape rule here, cropped and enlarged 8x")
     args = parser.parse_args()
+    if args.sampler == "ddpm" and args.eta:
+        parser.error("--eta is a DDIM option")
 
     samples = sample_images(args.model, args.n, args.steps, args.sampler, args.eta)
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,6 +52,16 @@ class DetectedObject:
     lead: float  # best IoU minus the best IoU of another shape
 
     @property
+    def poor_fit(self) -> bool:
+        """Overlaps even its best template too little (validity rule "shape fit")."""
+        return self.iou < MIN_IOU
+
+    @property
+    def ambiguous(self) -> bool:
+        """Not clearly better matched by one shape than by another (validity rule "ambiguous shape")."""
+        return self.lead < MIN_IOU_LEAD
+
+    @property
     def side(self) -> int:
         y0, x0, y1, x1 = self.box
         return max(y1 - y0, x1 - x0)
@@ -232,8 +242,8 @@ def _broken_rules(reading: Reading, size: int) -> list[str]:
         "blur": reading.edge_contrast < MIN_EDGE_CONTRAST,
         # a 3x3 blob of a colour the data never has
         "foreign blob": bool(ndimage.binary_opening(foreign, structure=_EIGHT).any()),
-        "shape fit": any(o.iou < MIN_IOU for o in objs),
-        "ambiguous shape": any(o.lead < MIN_IOU_LEAD for o in objs),
+        "shape fit": any(o.poor_fit for o in objs),
+        "ambiguous shape": any(o.ambiguous for o in objs),
         "object size": any(not lim.other_min - 1 <= o.side <= lim.main_max + 1 for o in objs),
         # the main object must stand out
         "no main object": len(objs) > 1 and objs[0].side - objs[1].side < lim.margin - 1,

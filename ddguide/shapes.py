@@ -144,6 +144,7 @@ def shape_mask(shape: int, side: int, width: int | None = None) -> np.ndarray:
     if name == "circle":
         # radius a little under side/2: rounder at small sides while keeping the full bounding box
         ry, rx = side / 2 - 0.3, width / 2 - 0.3
+        # squares keep the form the generator always used: the ellipse form rounds differently on the boundary
         mask = dx**2 + dy**2 <= ry**2 if width == side else (dx / rx) ** 2 + (dy / ry) ** 2 <= 1
     elif name == "square":
         mask = np.ones((side, width), bool)
