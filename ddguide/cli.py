@@ -217,6 +217,9 @@ def train(
     init: Annotated[Optional[Path], typer.Option(
         help="Start from this model artifact's weights (same preset), e.g. to train the shipped model "
              "further.")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help=(
+        "Run the steps through torch.compile: same training, faster after a one-off compilation of a few "
+        "minutes; worth it for long runs. A run may resume with or without it."))] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train an unconditional diffusion model; rerun the same command to resume after a stop.
@@ -228,7 +231,7 @@ def train(
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
                       grad_clip=grad_clip, lr_final=lr_final, schedule=schedule, precision=precision, seed=seed,
                       checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads,
-                      init=str(init) if init else None)
+                      init=str(init) if init else None, compile=compile_)
     with progress_bar("training") as bar:
         path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 wrote the model
@@ -484,6 +487,9 @@ def finetune(
     resize: Annotated[str, typer.Option(
         help="Images of another size than the model's: refuse, resize or center-crop.")] = "refuse",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help=(
+        "Run the steps through torch.compile: same training, faster after a one-off compilation of a few "
+        "minutes; worth it for long runs. A run may resume with or without it."))] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune an unconditional model into a class-conditional one (label dropout, for --cfg sampling);
@@ -494,7 +500,7 @@ def finetune(
     cfg = FinetuneConfig(data=str(data), out=str(out), model=str(model) if model else None, steps=steps,
                          batch=batch, lr=lr, label_dropout=label_dropout, ema_decay=ema, grad_clip=grad_clip,
                          precision=precision, seed=seed, checkpoint_every=checkpoint_every, device=device,
-                         resize=resize, threads=threads)
+                         resize=resize, threads=threads, compile=compile_)
     with progress_bar("fine-tuning") as bar:
         path = run(cfg, progress=bar.update)
     if is_main_process():

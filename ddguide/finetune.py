@@ -42,6 +42,7 @@ class FinetuneConfig:
     device: str = "auto"
     resize: str = "refuse"
     threads: int | None = None
+    compile: bool = False  # torch.compile the network for the optimisation steps (not part of identity)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.checkpoint_every < 1:
@@ -117,7 +118,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> Path:
         return images, lambda idx, g: drop_labels(labels[idx], cfg.label_dropout, null, g)
 
     recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, 0, cfg.ema_decay, cfg.grad_clip, cfg.precision,
-                    cfg.checkpoint_every)
+                    cfg.checkpoint_every, compile=cfg.compile)
     ema, state = fit(net, base.diffusion, recipe, checkpoint_path(cfg.out), _RunKey(cfg, base.fingerprint, names),
                      gen, read, device, progress)
 

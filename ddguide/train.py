@@ -48,6 +48,7 @@ class TrainConfig:
     resize: str = "refuse"
     threads: int | None = None
     init: str | None = None  # start from this model artifact's weights (a fresh optimiser)
+    compile: bool = False  # torch.compile the network for the optimisation steps (same run, not part of identity)
 
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree with to be resumed: not the device, nor the step count unless the
@@ -97,7 +98,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     if cfg.init:
         _warm_start(net, cfg.init)
     recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.grad_clip, cfg.precision,
-                    cfg.checkpoint_every, cfg.lr_final)
+                    cfg.checkpoint_every, cfg.lr_final, cfg.compile)
     ema, state = fit(net.to(device), diffusion, recipe, checkpoint_path(cfg.out), cfg,
                      torch.Generator().manual_seed(cfg.seed),
                      lambda: (load_dataset(cfg.data, preset.unet.image_size, cfg.resize), None), device, progress)
@@ -116,7 +117,9 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
 class Recipe:
     """How one run of the epsilon-prediction objective (Ho et al.'s L_simple) optimises: what ``train`` and
     ``finetune`` share. ``warmup`` ramps the learning rate linearly over its first steps (0: none); after it the
-    rate stays at ``lr``, or with ``lr_final`` follows a half cosine from ``lr`` down to ``lr_final`` at ``steps``."""
+    rate stays at ``lr``, or with ``lr_final`` follows a half cosine from ``lr`` down to ``lr_final`` at ``steps``.
+    ``compile`` runs the steps through ``torch.compile``: the same optimisation, faster once compiled (the first step
+    pays for the compilation), so a run may be resumed with or without it."""
 
     steps: int
     batch: int
@@ -127,6 +130,7 @@ class Recipe:
     precision: str
     checkpoint_every: int
     lr_final: float | None = None
+    compile: bool = False
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the update that ends step ``step + 1``."""
@@ -173,6 +177,8 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     if world > 1:
         join_process_group(device)
     model = _ddp(net, device) if world > 1 else net
+    if recipe.compile:
+        model = torch.compile(model)  # `net` keeps the plain module: state_dict keys, EMA and clipping are unchanged
     net.train()
     t_last = time.time()
     while state.step < recipe.steps:

@@ -23,8 +23,8 @@ def images(tmp_path_factory):
     return folder
 
 
-def cfg(images, out, **kw):
-    return TrainConfig(data=str(images), out=str(out), preset="tiny", steps=6, batch=4, checkpoint_every=2,
+def cfg(images, out, steps=6, **kw):
+    return TrainConfig(data=str(images), out=str(out), preset="tiny", steps=steps, batch=4, checkpoint_every=2,
                        precision="fp32", device="cpu", **kw)
 
 
@@ -69,6 +69,22 @@ def test_init_starts_from_a_model(images, tmp_path):
     train(cfg(images, first))
     train(cfg(images, tmp_path / "second.safetensors", init=str(first)))
     assert artifacts.load(tmp_path / "second.safetensors", "model").config["train"]["init"] == str(first)
+
+
+def test_a_run_resumed_with_compile_trains_the_same_weights(images, tmp_path):
+    whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"
+    train(cfg(images, whole))
+    train(cfg(images, resumed, steps=4))  # a plain checkpoint at step 4, continued compiled from the CLI
+    r = CliRunner().invoke(app, ["train", str(images), "--out", str(resumed), "--preset", "tiny", "--steps", "6",
+                                 "--batch", "4", "--checkpoint-every", "2", "--precision", "fp32", "--device",
+                                 "cpu", "--compile"])
+    assert r.exit_code == 0, r.output
+    art = artifacts.load(resumed, "model")
+    assert art.config["trained_steps"] == 6 and art.config["train"]["compile"] is True
+    assert "compile" not in cfg(images, whole, compile=True).identity()
+    a, b = artifacts.load(whole, "model").tensors, art.tensors
+    assert a.keys() == b.keys()  # no "_orig_mod." prefix
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_learning_rate_schedule():

@@ -1,0 +1,63 @@
+"""Training step time with and without ``--compile``, measured side by side in one process.
+
+    python benchmarks/train_speed.py [--preset shapes32] [--batch 64] [--steps 20] [--threads 2]
+
+Both runs go through ``ddguide.train.fit`` (the loop of ``ddguide train``) from the same initial weights on
+random images, bf16 autocast on the CPU. The first step of each run is reported apart: for the compiled run it
+holds the one-off compilation. The ratio compares the median of the remaining steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ddguide.train import Recipe, fit
+from ddguide.unet import UNetModel, get_preset
+
+
+class _Key:
+    def identity(self) -> dict:
+        return {"benchmark": "train_speed"}
+
+
+def step_times(preset: str, batch: int, steps: int, compile_: bool) -> list[float]:
+    p = get_preset(preset)
+    torch.manual_seed(0)
+    net = UNetModel(p.unet)
+    size = p.unet.image_size
+    images = torch.randint(0, 256, (256, size, size, 3), dtype=torch.uint8)
+    recipe = Recipe(steps, batch, 2e-4, 0, 0.999, 1.0, "bf16", steps + 1, compile=compile_)
+    stamps = [time.perf_counter()]
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(net, p.diffusion, recipe, Path(tmp) / "ckpt.safetensors", _Key(), torch.Generator().manual_seed(0),
+            lambda: (images, None), torch.device("cpu"), lambda done, total, info: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shapes32")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    medians = {}
+    for compile_ in (False, True):
+        times = step_times(args.preset, args.batch, args.steps, compile_)
+        name = "compiled" if compile_ else "eager"
+        medians[name] = statistics.median(times[1:])
+        print(f"{name:9s} first step {times[0]:7.2f} s   then median {medians[name]:.3f} s/step "
+              f"({args.batch / medians[name]:.0f} img/s) over {len(times) - 1} steps")
+    print(f"compiled / eager step time: {medians['compiled'] / medians['eager']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
