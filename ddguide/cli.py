@@ -31,6 +31,9 @@ out_console = Console()
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 autocast (about 2x faster on CPUs with bf16).")]
 ModelOpt = Annotated[Optional[Path], typer.Option(help="Model artifact (default: the model shipped with ddguide).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help=(
+    "Run the steps through torch.compile: the same training, faster after a one-off compilation of a few "
+    "minutes; worth it for long runs. A run may resume with or without it."))]
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -217,9 +220,7 @@ def train(
     init: Annotated[Optional[Path], typer.Option(
         help="Start from this model artifact's weights (same preset), e.g. to train the shipped model "
              "further.")] = None,
-    compile_: Annotated[bool, typer.Option("--compile", help=(
-        "Run the steps through torch.compile: same training, faster after a one-off compilation of a few "
-        "minutes; worth it for long runs. A run may resume with or without it."))] = False,
+    compile_: CompileOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train an unconditional diffusion model; rerun the same command to resume after a stop.
@@ -487,9 +488,7 @@ def finetune(
     resize: Annotated[str, typer.Option(
         help="Images of another size than the model's: refuse, resize or center-crop.")] = "refuse",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
-    compile_: Annotated[bool, typer.Option("--compile", help=(
-        "Run the steps through torch.compile: same training, faster after a one-off compilation of a few "
-        "minutes; worth it for long runs. A run may resume with or without it."))] = False,
+    compile_: CompileOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune an unconditional model into a class-conditional one (label dropout, for --cfg sampling);

@@ -142,6 +142,17 @@ def test_a_changed_run_does_not_resume_an_old_checkpoint(cond_path, two_classes,
     assert_user_error(r, "different training run")
 
 
+def test_compile_reaches_the_optimisation_loop(two_classes, tiny_model_path, tmp_path, monkeypatch):
+    # the compiled path itself is exercised in test_train.py; here only that --compile gets there
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    out = tmp_path / "c.safetensors"
+    r = run("finetune", two_classes, "--model", tiny_model_path, "--out", out, "--steps", 2, "--batch", 4,
+            "--precision", "fp32", "--device", "cpu", "--compile")
+    assert r.exit_code == 0, r.output
+    assert len(compiled) == 1 and artifacts.load(out, "model").config["finetune"]["compile"] is True
+
+
 # --- sampling the fine-tuned model ------------------------------------------------------------------------------
 
 
