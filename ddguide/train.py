@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,6 +162,10 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     every rank's generator state and only rank 0 writes files and reports progress.
     """
     rank, world = process_shard()
+    if recipe.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        # inductor builds its CPU kernels with $CXX (default g++); without one the first step would fail deep inside
+        raise UserError(f"--compile on the CPU needs a C++ compiler: {os.environ.get('CXX', 'g++')} is not on the "
+                        "PATH (install g++, set CXX, or leave --compile out)")
     if recipe.batch % world:
         raise UserError(f"--batch {recipe.batch} does not split evenly over {world} processes")
     if rank:

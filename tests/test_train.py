@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +74,7 @@ def test_init_starts_from_a_model(images, tmp_path):
     assert artifacts.load(tmp_path / "second.safetensors", "model").config["train"]["init"] == str(first)
 
 
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on the CPU needs a C++ compiler")
 def test_a_run_resumed_with_compile_trains_the_same_weights(images, tmp_path):
     whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"
     train(cfg(images, whole))
@@ -85,6 +89,11 @@ def test_a_run_resumed_with_compile_trains_the_same_weights(images, tmp_path):
     a, b = artifacts.load(whole, "model").tensors, art.tensors
     assert a.keys() == b.keys()  # no "_orig_mod." prefix
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-cxx")
+    one_line_error(_train_cli(images, tmp_path, "--compile"), "C++ compiler")
 
 
 def test_learning_rate_schedule():
