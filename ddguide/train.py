@@ -162,8 +162,8 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     every rank's generator state and only rank 0 writes files and reports progress.
     """
     rank, world = process_shard()
-    if recipe.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
-        # inductor builds its CPU kernels with $CXX (default g++); without one the first step would fail deep inside
+    if recipe.compile and device.type == "cpu" and not cpp_compiler_found():
+        # without one the first step would fail deep inside inductor
         raise UserError(f"--compile on the CPU needs a C++ compiler: {os.environ.get('CXX', 'g++')} is not on the "
                         "PATH (install g++, set CXX, or leave --compile out)")
     if recipe.batch % world:
@@ -219,6 +219,11 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
                                                f"{recipe.batch / max(now - t_last, 1e-9):.0f} img/s")
             t_last = now
     return ema, state
+
+
+def cpp_compiler_found() -> bool:
+    """Whether the compiler torch.compile builds its CPU kernels with ($CXX, default g++) is on the PATH."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def _rank_seed(seed: int, rank: int, step: int) -> int:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +10,7 @@ from typer.testing import CliRunner
 
 from ddguide import artifacts
 from ddguide.cli import app
-from ddguide.train import Recipe, TrainConfig, checkpoint_path, train
+from ddguide.train import Recipe, TrainConfig, checkpoint_path, cpp_compiler_found, train
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +71,7 @@ def test_init_starts_from_a_model(images, tmp_path):
     assert artifacts.load(tmp_path / "second.safetensors", "model").config["train"]["init"] == str(first)
 
 
-@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not cpp_compiler_found(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_a_run_resumed_with_compile_trains_the_same_weights(images, tmp_path):
     whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"
     train(cfg(images, whole))
