@@ -2,9 +2,11 @@
 
     python benchmarks/train_speed.py [--preset shapes32] [--batch 64] [--steps 20] [--threads 2]
 
-Both runs go through ``ddguide.train.fit`` (the loop of ``ddguide train``) from the same initial weights on
-random images, bf16 autocast on the CPU. The first step of each run is reported apart: for the compiled run it
-holds the one-off compilation. The ratio compares the median of the remaining steps.
+All runs go through ``ddguide.train.fit`` (the loop of ``ddguide train``) from the same initial weights on
+random images: eager with bf16 autocast (``train``'s default), eager fp32, and compiled fp32 (on the CPU
+``--compile`` is refused with bf16, whose compiled backward loses gradients). The first step of each run is
+reported apart: for the compiled run it holds the one-off compilation. Ratios compare the medians of the
+remaining steps.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ class _Key:
         return {"benchmark": "train_speed"}
 
 
-def step_times(preset: str, batch: int, steps: int, compile_: bool) -> list[float]:
+def step_times(preset: str, batch: int, steps: int, compile_: bool, precision: str) -> list[float]:
     p = get_preset(preset)
     torch.manual_seed(0)
     net = UNetModel(p.unet)
     size = p.unet.image_size
     images = torch.randint(0, 256, (256, size, size, 3), dtype=torch.uint8)
-    recipe = Recipe(steps, batch, 2e-4, 0, 0.999, 1.0, "bf16", steps + 1, compile=compile_)
+    recipe = Recipe(steps, batch, 2e-4, 0, 0.999, 1.0, precision, steps + 1, compile=compile_)
     stamps = [time.perf_counter()]
     with tempfile.TemporaryDirectory() as tmp:
         fit(net, p.diffusion, recipe, Path(tmp) / "ckpt.safetensors", _Key(), torch.Generator().manual_seed(0),
@@ -50,13 +52,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     medians = {}
-    for compile_ in (False, True):
-        times = step_times(args.preset, args.batch, args.steps, compile_)
-        name = "compiled" if compile_ else "eager"
+    for name, compile_, precision in (("eager bf16", False, "bf16"), ("eager fp32", False, "fp32"),
+                                      ("compiled fp32", True, "fp32")):
+        times = step_times(args.preset, args.batch, args.steps, compile_, precision)
         medians[name] = statistics.median(times[1:])
-        print(f"{name:9s} first step {times[0]:7.2f} s   then median {medians[name]:.3f} s/step "
+        print(f"{name:14s} first step {times[0]:7.2f} s   then median {medians[name]:.3f} s/step "
               f"({args.batch / medians[name]:.0f} img/s) over {len(times) - 1} steps")
-    print(f"compiled / eager step time: {medians['compiled'] / medians['eager']:.2f}")
+    for base in ("eager fp32", "eager bf16"):
+        print(f"compiled fp32 / {base} step time: {medians['compiled fp32'] / medians[base]:.2f}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 autocast (about 2
 ModelOpt = Annotated[Optional[Path], typer.Option(help="Model artifact (default: the model shipped with ddguide).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help=(
     "Run the steps through torch.compile: the same training, faster after a one-off compilation of a few "
-    "minutes; worth it for long runs. A run may resume with or without it."))]
+    "minutes. On the CPU only with --precision fp32 (compiled bf16 training loses gradients there). A run may "
+    "resume with or without it."))]
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
