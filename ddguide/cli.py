@@ -32,9 +32,9 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cud
 PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 autocast (about 2x faster on CPUs with bf16).")]
 ModelOpt = Annotated[Optional[Path], typer.Option(help="Model artifact (default: the model shipped with ddguide).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help=(
-    "Run the steps through torch.compile: the same training, faster after a one-off compilation of a few "
-    "minutes. On the CPU only with --precision fp32 (compiled bf16 training loses gradients there). A run may "
-    "resume with or without it."))]
+    "Run the steps through torch.compile (a one-off compilation of a few minutes), meant for CUDA. On the CPU "
+    "only with --precision fp32 (compiled bf16 training loses gradients there), which is slower than eager bf16. "
+    "A run may resume with or without it."))]
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

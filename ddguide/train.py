@@ -120,8 +120,8 @@ class Recipe:
     """How one run of the epsilon-prediction objective (Ho et al.'s L_simple) optimises: what ``train`` and
     ``finetune`` share. ``warmup`` ramps the learning rate linearly over its first steps (0: none); after it the
     rate stays at ``lr``, or with ``lr_final`` follows a half cosine from ``lr`` down to ``lr_final`` at ``steps``.
-    ``compile`` runs the steps through ``torch.compile``: the same optimisation, faster once compiled (the first step
-    pays for the compilation), so a run may be resumed with or without it."""
+    ``compile`` runs the steps through ``torch.compile``: the same optimisation (the first step pays for the
+    compilation), so a run may be resumed with or without it; ``fit`` refuses it with bf16 on the CPU."""
 
     steps: int
     batch: int
