@@ -162,16 +162,16 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     every rank's generator state and only rank 0 writes files and reports progress.
     """
     rank, world = process_shard()
-    if recipe.compile and device.type == "cpu" and not cpp_compiler_found():
-        # without one the first step would fail deep inside inductor
-        raise UserError(f"--compile on the CPU needs a C++ compiler: {os.environ.get('CXX', 'g++')} is not on the "
-                        "PATH (install g++, set CXX, or leave --compile out)")
-    if recipe.compile and device.type == "cpu" and recipe.precision != "fp32":
-        # torch 2.13's CPU inductor returns zero gradients for every block below the U-Net's first downsampling
-        # under bf16 autocast: the run goes on, its loss falls slower and the samples drift (seen on shapes32)
-        raise UserError(f"--compile with --precision {recipe.precision} trains wrongly on the CPU (the compiled "
-                        "backward drops the deeper blocks' gradients): use --precision fp32 with --compile, or "
-                        "leave --compile out")
+    if recipe.compile and device.type == "cpu":
+        if not cpp_compiler_found():  # without one the first step would fail deep inside inductor
+            raise UserError(f"--compile on the CPU needs a C++ compiler: {os.environ.get('CXX', 'g++')} is not on "
+                            "the PATH (install g++, set CXX, or leave --compile out)")
+        if recipe.precision == "bf16":
+            # torch 2.13's compiled backward under bf16 autocast gives every block below the U-Net's first
+            # downsampling a zero gradient (benchmarks/compile_grads.py): the run goes on and its samples drift
+            raise UserError("--compile with --precision bf16 trains wrongly on the CPU (the compiled backward "
+                            "drops the deeper blocks' gradients): use --precision fp32 with --compile, or leave "
+                            "--compile out")
     if recipe.batch % world:
         raise UserError(f"--batch {recipe.batch} does not split evenly over {world} processes")
     if rank:
