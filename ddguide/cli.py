@@ -223,6 +223,11 @@ def train(
     init: Annotated[Optional[Path], typer.Option(
         help="Start from this model artifact's weights (same preset), e.g. to train the shipped model "
              "further.")] = None,
+    p2_gamma: Annotated[float, typer.Option(
+        help="Perception-prioritised weighting (Choi et al. 2022): weight each image's loss by "
+             "1 / (k + SNR(t))^gamma, favouring the noisier steps that lay out content; 0 is plain L_simple, "
+             "the P2 paper uses 1 (or 0.5).")] = 0.0,
+    p2_k: Annotated[float, typer.Option(help="The k of --p2-gamma's weight.")] = 1.0,
     compile_: CompileOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -235,7 +240,7 @@ def train(
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
                       grad_clip=grad_clip, lr_final=lr_final, schedule=schedule, precision=precision, seed=seed,
                       checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads,
-                      init=str(init) if init else None, compile=compile_)
+                      init=str(init) if init else None, compile=compile_, p2_gamma=p2_gamma, p2_k=p2_k)
     with progress_bar("training") as bar:
         path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 wrote the model

@@ -50,6 +50,8 @@ class TrainConfig:
     resize: str = "refuse"
     threads: int | None = None
     init: str | None = None  # start from this model artifact's weights (a fresh optimiser)
+    p2_gamma: float = 0.0  # perception-prioritised loss weight 1 / (p2_k + SNR(t))^p2_gamma (0: L_simple)
+    p2_k: float = 1.0
     compile: bool = False  # torch.compile the network for the optimisation steps (same run, not part of identity)
 
     def identity(self) -> dict[str, Any]:
@@ -58,7 +60,9 @@ class TrainConfig:
         keep = ["data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed", "init"]
         if self.lr_final is not None:
             keep += ["lr_final", "steps"]
-        # `init` and `lr_final` joined later: leaving them out when unset keeps older checkpoints resumable
+        if self.p2_gamma:
+            keep += ["p2_gamma", "p2_k"]
+        # `init`, `lr_final` and P2 joined later: leaving them out when unset keeps older checkpoints resumable
         return {k: v for k, v in asdict(self).items() if k in keep and not (k == "init" and v is None)}
 
 
@@ -83,6 +87,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     """Train (or resume) and write the EMA weights as a ``model`` artifact at ``cfg.out``."""
     if cfg.steps < 1 or cfg.batch < 1 or cfg.checkpoint_every < 1:
         raise UserError("--steps, --batch and --checkpoint-every must be >= 1")
+    if cfg.p2_gamma < 0 or cfg.p2_k <= 0:
+        raise UserError(f"--p2-gamma must be >= 0 and --p2-k > 0 (got {cfg.p2_gamma:g} and {cfg.p2_k:g})")
     if not cfg.lr > 0 or (cfg.lr_final is not None and not 0 <= cfg.lr_final <= cfg.lr):
         raise UserError("--lr must be > 0 and --lr-final between 0 and --lr")
     preset = get_preset(cfg.preset)
@@ -100,7 +106,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     if cfg.init:
         _warm_start(net, cfg.init)
     recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.grad_clip, cfg.precision,
-                    cfg.checkpoint_every, cfg.lr_final, cfg.compile)
+                    cfg.checkpoint_every, cfg.lr_final, cfg.compile, cfg.p2_gamma, cfg.p2_k)
     ema, state = fit(net.to(device), diffusion, recipe, checkpoint_path(cfg.out), cfg,
                      torch.Generator().manual_seed(cfg.seed),
                      lambda: (load_dataset(cfg.data, preset.unet.image_size, cfg.resize), None), device, progress)
@@ -121,7 +127,8 @@ class Recipe:
     ``finetune`` share. ``warmup`` ramps the learning rate linearly over its first steps (0: none); after it the
     rate stays at ``lr``, or with ``lr_final`` follows a half cosine from ``lr`` down to ``lr_final`` at ``steps``.
     ``compile`` runs the steps through ``torch.compile``: the same optimisation (the first step pays for the
-    compilation), so a run may be resumed with or without it; ``fit`` refuses it with bf16 on the CPU."""
+    compilation), so a run may be resumed with or without it; ``fit`` refuses it with bf16 on the CPU.
+    ``p2_gamma`` > 0 weights each image's squared error by ``loss_weights`` (P2, Choi et al. 2022)."""
 
     steps: int
     batch: int
@@ -133,6 +140,17 @@ class Recipe:
     checkpoint_every: int
     lr_final: float | None = None
     compile: bool = False
+    p2_gamma: float = 0.0
+    p2_k: float = 1.0
+
+    def loss_weights(self, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor | None:
+        """Per-image loss weights 1 / (k + SNR(t))^gamma, SNR = abar / (1 - abar) (Choi et al., "Perception
+        Prioritized Training of Diffusion Models", Eq. 8): they shift the objective from the low-noise steps, which
+        refine imperceptible detail, towards the steps that lay out content. None for L_simple (gamma 0)."""
+        if not self.p2_gamma:
+            return None
+        a = abar[t].double()
+        return ((self.p2_k + a / (1 - a)) ** -self.p2_gamma).float()
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the update that ends step ``step + 1``."""
@@ -203,7 +221,11 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
         with autocast(device, recipe.precision):
             out = model(x_t, diffusion.model_time(t), y)
         eps, _ = split_output(out.float(), x0.shape[1])
-        loss = (eps - noise).pow(2).mean()
+        weights = recipe.loss_weights(t, abar)
+        if weights is None:
+            loss = (eps - noise).pow(2).mean()
+        else:
+            loss = (weights * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP leaves every rank with the mean gradient
         torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)

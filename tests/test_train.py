@@ -123,6 +123,38 @@ def test_a_decaying_run_is_tied_to_its_step_count(images, tmp_path):
     one_line_error(_train_cli(images, tmp_path, "--lr-final", "1"), "--lr-final")
 
 
+def test_p2_weights_favour_the_noisy_steps():
+    recipe = Recipe(steps=10, batch=4, lr=1e-3, warmup=0, ema_decay=0.999, grad_clip=1.0, precision="fp32",
+                    checkpoint_every=10)
+    abar = torch.tensor([0.999, 0.9, 0.5, 0.1, 0.0], dtype=torch.float64)
+    t = torch.arange(5)
+    assert recipe.loss_weights(t, abar) is None  # plain L_simple
+    recipe.p2_gamma, recipe.p2_k = 1.0, 1.0
+    w = recipe.loss_weights(t, abar)
+    snr = abar / (1 - abar)
+    assert torch.allclose(w.double(), 1 / (1 + snr), rtol=1e-6)
+    assert w[2] == pytest.approx(0.5) and w[4] == pytest.approx(1.0)  # SNR 1 and 0
+    assert all(a < b for a, b in zip(w, w[1:]))  # more noise, more weight
+    recipe.p2_gamma, recipe.p2_k = 0.5, 2.0
+    assert torch.allclose(recipe.loss_weights(t, abar).double(), (2 + snr) ** -0.5, rtol=1e-6)
+
+
+def test_a_p2_run_is_its_own_run(images, tmp_path):
+    plain, p2 = tmp_path / "plain.safetensors", tmp_path / "p2.safetensors"
+    assert "p2_gamma" not in cfg(images, plain).identity()  # older checkpoints resume
+    train(cfg(images, plain))
+    train(cfg(images, p2, p2_gamma=1.0))
+    art = artifacts.load(p2, "model")
+    assert art.config["train"]["p2_gamma"] == 1.0 and art.config["train"]["p2_k"] == 1.0
+    a, b = artifacts.load(plain, "model").tensors, art.tensors
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same batches and noise, other weights: other updates
+    r = CliRunner().invoke(app, ["train", str(images), "--out", str(p2), "--preset", "tiny", "--steps", "8",
+                                 "--batch", "4", "--device", "cpu"])
+    assert r.exit_code == 2 and "different training run" in r.output
+    one_line_error(_train_cli(images, tmp_path, "--p2-gamma", "-1"), "--p2-gamma")
+    one_line_error(_train_cli(images, tmp_path, "--p2-gamma", "1", "--p2-k", "0"), "--p2-k")
+
+
 def _train_cli(folder, tmp_path, *extra):
     return CliRunner().invoke(app, ["train", str(folder), "--out", str(tmp_path / "m.safetensors"), "--preset",
                                     "tiny", "--steps", "1", "--batch", "2", "--device", "cpu", *extra])
