@@ -20,15 +20,16 @@ import torch
 from ddguide import oracles
 from ddguide.data import list_images, load_image, to_uint8
 from ddguide.generate import draw, plain_denoiser, timesteps_for, write_grid
-from ddguide.models import load_model
+from ddguide.models import load_model, resolve_device
 from ddguide.shapes import ATTRIBUTES, CLASS_NAMES, ShapesConfig
 from ddguide.shapes import generate as generate_shapes
 
 
 def sample_images(model_path: str | None, n: int, steps: int, sampler: str, eta: float = 0.0,
-                  batch: int = 64) -> np.ndarray:
-    model = load_model(model_path)
-    denoiser = plain_denoiser(model, torch.device("cpu"), "fp32")
+                  batch: int = 64, device: str = "cpu") -> np.ndarray:
+    dev = resolve_device(device)
+    model = load_model(model_path).to(dev)
+    denoiser = plain_denoiser(model, dev, "fp32")
     kept = timesteps_for(model, steps, sampler)
     parts = []
     for first in range(0, n, batch):
@@ -71,11 +72,14 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, default=None, help="write the first 64 samples here")
     parser.add_argument("--failures", type=Path, default=None,
                         help="write the objects that break a shape rule here, cropped and enlarged 8x")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the README's figures), auto or cuda: the same seeds, equal up to float rounding")
+    parser.add_argument("--batch", type=int, default=64, help="images sampled at once (the result does not depend on it)")
     args = parser.parse_args()
     if args.sampler == "ddpm" and args.eta:
         parser.error("--eta is a DDIM option")
 
-    samples = sample_images(args.model, args.n, args.steps, args.sampler, args.eta)
+    samples = sample_images(args.model, args.n, args.steps, args.sampler, args.eta, args.batch, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         generate_shapes(Path(tmp), ShapesConfig(n=1000, seed=777, split="test"))
         real = np.stack([load_image(f) for f in list_images(Path(tmp) / "images")])

@@ -282,13 +282,18 @@ def _warm_start(net: UNetModel, path: str) -> None:
 
 def _ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float, step: int) -> None:
     # a short ramp so the average is not dominated by the random initialisation in short runs
+    # one fused update over all floating tensors: a loop of small ops per tensor bounds a small model's GPU step
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
+        floats, targets = [], []
         for k, v in net.state_dict().items():
             if v.dtype.is_floating_point:
-                ema[k].mul_(d).add_(v, alpha=1 - d)
+                floats.append(v)
+                targets.append(ema[k])
             else:
                 ema[k].copy_(v)
+        torch._foreach_mul_(targets, d)
+        torch._foreach_add_(targets, floats, alpha=1 - d)
 
 
 def _save_checkpoint(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _State,
