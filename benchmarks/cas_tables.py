@@ -64,10 +64,10 @@ def build_sets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     cond, feats, head = root / "cond.safetensors", root / "rej-feats.safetensors", root / "rejection.safetensors"
     stage(f"fine-tuning ({args.finetune_steps} steps)", cond,
           lambda: finetune(FinetuneConfig(data=str(real), out=str(cond), model=args.model, steps=args.finetune_steps,
-                                          batch=args.batch_finetune, seed=args.data_seed, device="cpu")))
+                                          batch=args.batch_finetune, seed=args.data_seed, device=args.device)))
     stage("rejection features (mid @ 300, 800)", feats,
           lambda: extract(ExtractConfig(data=str(real / "images"), out=str(feats), model=args.model,
-                                        blocks=("mid",), timesteps=(300, 800), device="cpu")))
+                                        blocks=("mid",), timesteps=(300, 800), device=args.device)))
     stage("rejection head", head, lambda: _head_note(train_head(
         TrainHeadConfig(str(feats), str(head), kind="rejection", seed=args.data_seed))))
 
@@ -75,7 +75,7 @@ def build_sets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
         out = root / name
         n = args.per_class if reject else n_real
         cfg = SampleConfig(out=str(out), model=str(cond), n=n, steps=args.steps, sampler=args.sampler,
-                           seed=args.data_seed * 100000 + seed_offset, batch=64, device="cpu")
+                           seed=args.data_seed * 100000 + seed_offset, batch=64, device=args.device)
 
         def run():
             if reject:
@@ -107,7 +107,7 @@ def top1(root: Path, sets: dict[str, Path], train: list[str], args: argparse.Nam
     result = cas(CasConfig(train=[str(sets[t]) for t in train], test=str(sets["test"]), out=str(out),
                            epochs=args.epochs, batch=args.batch, milestones=[int(args.epochs * 0.5),
                                                                              int(args.epochs * 0.75)],
-                           mixup_cutmix=mix, seed=seed, stem=args.stem, precision=args.precision, device="cpu"))
+                           mixup_cutmix=mix, seed=seed, stem=args.stem, precision=args.precision, device=args.device))
     print(f"  ResNet-18 on {'+'.join(train)}{f' mixup/cutmix {mix}' if mix else ''}, seed {seed}: "
           f"top-1 {result.top1:.3f} ({result.n_train} images, {time.time() - start:.0f} s)", flush=True)
     return result.top1
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.2)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu, auto (CUDA when present) or cuda")
     parser.add_argument("--precision", default="fp32", help="of the ResNet training (fp32 is faster here)")
     parser.add_argument("--stem", default="imagenet", choices=("imagenet", "small"),
                         help="ResNet stem: torchvision's stride-4 one (cheaper on a CPU) or the 3x3 small-input one")
