@@ -16,6 +16,7 @@ import csv
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -167,14 +168,24 @@ def table2(ws: Workspace, seeds: list[int], n: int, lam: float, pixel_lam: float
 # ------------------------------------------------------------------------------------------------ cost
 
 
-def best_of(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int = 15) -> dict[str, np.ndarray]:
+    """Each function's time over ``base``'s, per round: the functions run in turn within a round, so a drift in
+    the machine's speed (other tenants, clocks) touches the numerator and denominator alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    ref = np.array(times[base])
+    return {name: np.array(t) / ref for name, t in times.items()}
+
+
+def spread(r: np.ndarray) -> str:
+    q1, q2, q3 = np.percentile(r, (25, 50, 75))
+    return f"{q2:>6.2f}x  (quartiles {q1:.2f}-{q3:.2f})"
 
 
 def cost(ws: Workspace, batch: int) -> None:
@@ -212,18 +223,20 @@ def cost(ws: Workspace, batch: int) -> None:
 
     full = head_guidance(model, guides, 1.0, indices, grad="full")
     x0_mode = head_guidance(model, guides, 1.0, indices, grad="x0")
-    base = best_of(unguided)
-    print(f"\nCost of one sampling step, batch {batch}, {torch.get_num_threads()} threads "
-          f"(median of 5, unguided = {base * 1000:.1f} ms)")
-    for name, fn in (("ours, --guide-grad x0", lambda: x0_mode(x, t)), ("ours, --guide-grad full", lambda: full(x, t)),
-                     ("paper's structure (2 full passes + backward)", paper_structure)):
-        print(f"  {name:<46}{best_of(fn) / base:>6.2f}x")
-
     spec = FeatureSpec(("mid",), (300, 800))
-    batched = best_of(lambda: compute(model, x, spec, indices))
-    separate = best_of(lambda: [model(x, torch.full((batch,), s)) for s in (300, 800)])
-    print(f"  extract mid at T=300,800 (one truncated batched pass) vs two full forward passes: "
-          f"{separate / batched:.2f}x faster")
+    rounds = 15
+    steps = ratios({"unguided": unguided, "ours, --guide-grad x0": lambda: x0_mode(x, t),
+                    "ours, --guide-grad full": lambda: full(x, t),
+                    "paper's structure (2 full passes + backward)": paper_structure}, "unguided", rounds)
+    print(f"\nCost of one sampling step, batch {batch}, {torch.get_num_threads()} threads (time over the unguided "
+          f"step's in the same round; median and quartiles of {rounds} rounds)")
+    for name, r in steps.items():
+        if name != "unguided":
+            print(f"  {name:<46}{spread(r)}")
+    taps = ratios({"batched": lambda: compute(model, x, spec, indices),
+                   "separate": lambda: [model(x, torch.full((batch,), s)) for s in (300, 800)]}, "batched", rounds)
+    print(f"  extract mid at T=300,800: two full forward passes over one truncated batched pass"
+          f"{spread(taps['separate'])}")
 
 
 def main() -> None:
