@@ -5,9 +5,10 @@
 All runs go through ``ddguide.train.fit`` (the loop of ``ddguide train``) from the same initial weights on
 random images: eager with bf16 autocast (``train``'s default), eager fp32, and compiled fp32 (on the CPU
 ``--compile`` is refused with bf16, whose compiled backward loses gradients; on CUDA compiled bf16 is timed too).
-The first step of each run is
-reported apart: for the compiled run it holds the one-off compilation. Ratios compare the medians of the
-remaining steps.
+The first step of each run is reported apart: for the compiled run it holds the one-off compilation. Ratios
+compare the medians of the remaining steps. Last, the EMA update ``fit`` makes after every step (one fused
+operation over all weights) is timed against a loop of two operations per tensor, and checked to give the same
+values.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ddguide.models import resolve_device
-from ddguide.train import Recipe, fit
+from ddguide.train import Recipe, _ema_update, fit
 from ddguide.unet import UNetModel, get_preset
 
 
@@ -43,6 +44,38 @@ def step_times(preset: str, batch: int, steps: int, compile_: bool, precision: s
         fit(net, p.diffusion, recipe, Path(tmp) / "ckpt.safetensors", _Key(), torch.Generator().manual_seed(0),
             lambda: (images, None), device, lambda done, total, info: stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _ema_per_tensor(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float, step: int) -> None:
+    """The update ``fit`` made before it was fused: the baseline of the EMA timing."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(d).add_(v, alpha=1 - d)
+            else:
+                ema[k].copy_(v)
+
+
+def ema_times(preset: str, device: torch.device, rounds: int = 50) -> tuple[float, float, bool]:
+    """Median seconds of the per-tensor and the fused EMA update, timed in turn, and whether they agree."""
+    net = UNetModel(get_preset(preset).unet).to(device)
+    fresh = lambda: {k: v.detach().clone() for k, v in net.state_dict().items()}  # noqa: E731
+    loop, fused = fresh(), fresh()
+    times: dict[str, list[float]] = {"loop": [], "fused": []}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for step in range(rounds):
+            for p in net.parameters():
+                p.add_(torch.randn_like(p), alpha=1e-3)  # weights that move, as in training
+            for name, fn, ema in (("loop", _ema_per_tensor, loop), ("fused", _ema_update, fused)):
+                sync()
+                start = time.perf_counter()
+                fn(ema, net, 0.999, step)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    same = all(torch.equal(loop[k], fused[k]) for k in loop)
+    return statistics.median(times["loop"][1:]), statistics.median(times["fused"][1:]), same
 
 
 def main() -> None:
@@ -68,6 +101,9 @@ def main() -> None:
     for compiled in [name for name in medians if name.startswith("compiled")]:
         for base in ("eager fp32", "eager bf16"):
             print(f"{compiled} / {base} step time: {medians[compiled] / medians[base]:.2f}")
+    loop, fused, same = ema_times(args.preset, device)
+    print(f"EMA update: per-tensor loop {loop * 1000:.2f} ms, fused {fused * 1000:.2f} ms ({loop / fused:.2f}x); "
+          f"same values: {same}")
 
 
 if __name__ == "__main__":

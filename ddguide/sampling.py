@@ -103,7 +103,7 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], a
             frac = (var + 1) / 2
             log_var = frac * torch.log(betas[k]).float() + (1 - frac) * post_log_clipped[k].float()
         else:
-            log_var = torch.log(fixed_large[k]).float().to(x.device).expand_as(x)
+            log_var = torch.log(fixed_large[k]).float()  # a 0-dim tensor: it broadcasts on any device
         x = mean
         if k > 0:
             x = x + torch.exp(0.5 * log_var) * per_image_randn(x.shape[1:], generators, x.device)

@@ -282,7 +282,8 @@ def _warm_start(net: UNetModel, path: str) -> None:
 
 def _ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float, step: int) -> None:
     # a short ramp so the average is not dominated by the random initialisation in short runs
-    # one fused update over all floating tensors: a loop of small ops per tensor bounds a small model's GPU step
+    # one fused update over all floating tensors instead of two operations per tensor; the same values
+    # (benchmarks/train_speed.py times both and compares them)
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         floats, targets = [], []
