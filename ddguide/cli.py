@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddguide.cliargs import ListCommand
 from ddguide.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -99,7 +100,7 @@ def refuse_existing(path: Path, what: str = "output") -> None:
 # ----------------------------------------------------------------------------------------------- convert
 
 
-@app.command()
+@app.command(cls=ListCommand)
 @handle_errors
 def convert(
     checkpoint: Annotated[Path, typer.Argument(help="openai improved-/guided-diffusion .pt, or .safetensors.")],
@@ -136,7 +137,7 @@ def _json_opt(text: str | None, name: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- sample
 
 
-@app.command()
+@app.command(cls=ListCommand)
 @handle_errors
 def sample(
     out: Annotated[Path, typer.Option(help="Folder for the PNGs, index.csv and grid.png.")],
@@ -149,11 +150,11 @@ def sample(
     seed: Annotated[int, typer.Option(help="Image k uses seed + k.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     class_: Annotated[Optional[list[str]], typer.Option(
-        "--class", help="Class name or id of a class-conditional model (repeat, or 'all' to cycle evenly).")] = None,
+        "--class", metavar="C ...", help="Class names or ids of a class-conditional model ('all' cycles evenly).")] = None,
     cfg_scale: Annotated[Optional[float], typer.Option(
         "--cfg", help="Classifier-free guidance weight w: eps = (1+w) eps(x,c) - w eps(x,null).")] = None,
     guide: Annotated[Optional[list[str]], typer.Option(
-        help="Head to guide with, HEAD[:weight[:target]]; repeat for a product of experts.")] = None,
+        metavar="HEAD[:w[:target]] ...", help="Heads to guide with; several multiply as a product of experts.")] = None,
     target: Annotated[Optional[str], typer.Option(help="Class the classifier heads should see (e.g. 1).")] = None,
     mask: Annotated[Optional[Path], typer.Option(
         help="Mask (PNG or .npy of class ids) for segmentation heads.")] = None,
@@ -200,7 +201,7 @@ def sample(
 # ----------------------------------------------------------------------------------------------- train
 
 
-@app.command()
+@app.command(cls=ListCommand)
 @handle_errors
 def train(
     data: Annotated[Path, typer.Argument(help="Image folder (flat or class sub-folders).")],
@@ -250,7 +251,7 @@ def train(
 # ----------------------------------------------------------------------------------------------- data
 
 
-@data_app.command("shapes")
+@data_app.command("shapes", cls=ListCommand)
 @handle_errors
 def data_shapes(
     out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
@@ -271,14 +272,14 @@ def data_shapes(
 # ----------------------------------------------------------------------------------------------- method
 
 
-@app.command()
+@app.command(cls=ListCommand)
 @handle_errors
 def extract(
     data: Annotated[Path, typer.Argument(help="Image folder (flat, or class sub-folders whose names are labels).")],
     out: Annotated[Path, typer.Option(help="Features artifact to write (.safetensors).")],
     model: ModelOpt = None,
-    timesteps: Annotated[list[int], typer.Option(help="Feature timesteps T_f (repeat the option).")] = [300, 800],
-    blocks: Annotated[list[str], typer.Option(help="Blocks to tap: in.<i>, mid, out.<i> (repeat).")] = ["mid", "out.2"],
+    timesteps: Annotated[list[int], typer.Option(metavar="T ...", help="Feature timesteps T_f.")] = [300, 800],
+    blocks: Annotated[list[str], typer.Option(metavar="BLOCK ...", help="Blocks to tap: in.<i>, mid, out.<i>.")] = ["mid", "out.2"],
     noise: Annotated[str, typer.Option(help="none: clean image (official code); fixed: q(x_T|x0) with a fixed "
                                             "seed per image (Baranchuk et al.).")] = "none",
     seed: Annotated[int, typer.Option(help="Seed of the fixed noise.")] = 0,
@@ -306,7 +307,7 @@ def extract(
         out_console.print(f"wrote {path}")
 
 
-@app.command("train-head")
+@app.command("train-head", cls=ListCommand)
 @handle_errors
 def train_head(
     features: Annotated[Path, typer.Argument(help="Features artifact from `ddguide extract`.")],
@@ -316,8 +317,8 @@ def train_head(
     batch: Annotated[int, typer.Option(help="Images per step.")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     val_fraction: Annotated[float, typer.Option(help="Held-out share for the metric and calibration.")] = 0.2,
-    blocks: Annotated[Optional[list[str]], typer.Option(help="Use only these of the extracted blocks.")] = None,
-    timesteps: Annotated[Optional[list[int]], typer.Option(help="Use only these extracted timesteps.")] = None,
+    blocks: Annotated[Optional[list[str]], typer.Option(metavar="BLOCK ...", help="Use only these of the extracted blocks.")] = None,
+    timesteps: Annotated[Optional[list[int]], typer.Option(metavar="T ...", help="Use only these extracted timesteps.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, initialisation and batches.")] = 0,
 ) -> None:
     """Train a head on denoiser features (or on pixels, --kind pixel)."""
@@ -333,7 +334,7 @@ def train_head(
     out_console.print(f"wrote {path} ({metrics}; temperature {head.cfg.temperature:.2f})")
 
 
-@app.command()
+@app.command(cls=ListCommand)
 @handle_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, features, head, samples and demo.png.")] = Path(
@@ -366,7 +367,7 @@ def demo(
                       f"guided, same seeds): {result.grid}")
 
 
-@app.command("filter")
+@app.command("filter", cls=ListCommand)
 @handle_errors
 def filter_command(
     folder: Annotated[Path, typer.Argument(help="Samples folder with an index.csv holding a class column.")],
@@ -403,7 +404,7 @@ def _acceptance_table(result: Any) -> None:
 # ----------------------------------------------------------------------------------------------- info
 
 
-@app.command()
+@app.command(cls=ListCommand)
 @handle_errors
 def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) -> None:
     """Say what an artifact is and where it came from."""
@@ -427,7 +428,7 @@ def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) ->
 # --- fid ---
 
 
-@app.command("fid")
+@app.command("fid", cls=ListCommand)
 @handle_errors
 def fid_command(
     a: Annotated[Path, typer.Argument(help="Image folder, samples folder (with index.csv), index.csv, "
@@ -474,7 +475,7 @@ def fid_command(
 # --- finetune ---
 
 
-@app.command()
+@app.command(cls=ListCommand)
 @handle_errors
 def finetune(
     data: Annotated[Path, typer.Argument(
@@ -520,11 +521,11 @@ def finetune(
 # --- cas ---
 
 
-@app.command("cas")
+@app.command("cas", cls=ListCommand)
 @handle_errors
 def cas_command(
     train: Annotated[list[Path], typer.Option(
-        help="Training images (repeat to combine): labelled folders or samples folders with a class column.")],
+        metavar="DIR ...", help="Training images (several combine): labelled folders or samples folders with a class column.")],
     test: Annotated[Path, typer.Option(
         help="REAL labelled test images (class folders, Tiny ImageNet's root or val/ folder).")],
     arch: Annotated[str, typer.Option(
