@@ -20,6 +20,7 @@ import torch
 
 from ddguide import artifacts
 from ddguide.data import attribute_labels, list_images, load_image, paired_masks, to_tensor
+from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS
 from ddguide.diffusion import q_sample
 from ddguide.errors import UserError
 from ddguide.models import (Model, autocast, barrier, is_main_process, load_model, process_shard, resolve_device,
@@ -85,8 +86,8 @@ class ExtractConfig:
     data: str
     out: str
     model: str | None = None
-    blocks: tuple[str, ...] = ("mid", "out.2")
-    timesteps: tuple[int, ...] = (300, 800)
+    blocks: tuple[str, ...] = DEFAULT_BLOCKS
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
     noise: str = "none"
     seed: int = 0
     labels: str | None = None  # attribute table (CSV or list_attr_celeba.txt)

@@ -60,7 +60,7 @@ class Rejector:
             raise UserError(f"images are {images.shape[2]}x{images.shape[1]}, the head expects {size}x{size}")
         x = to_tensor(images).to(self.model.device)
         taps = compute(self.model, x, self.head.spec, indices)
-        probs = torch.softmax(self.head(self.head.inputs(taps)).float(), dim=1)
+        probs = torch.softmax(self.head.calibrated(self.head(self.head.inputs(taps))).float(), dim=1)
         return probs[torch.arange(len(x)), torch.as_tensor(list(targets), device=probs.device)].cpu()
 
 

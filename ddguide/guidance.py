@@ -142,8 +142,8 @@ def log_likelihood(model: Model, guides: Sequence[Guide], x0: torch.Tensor, indi
     total = torch.zeros(len(x0), device=x0.device)
     probs = []
     for g in guides:
-        logits = g.head(x0 if g.head.reads_pixels else g.head.inputs(taps))
-        logp = F.log_softmax(logits.float(), dim=1)
+        logits = g.head(x0 if g.head.reads_pixels else g.head.inputs(taps)).float()  # raw: temperature 1
+        logp = F.log_softmax(logits, dim=1)
         if isinstance(g.target, torch.Tensor):  # (H, W) or per-image (N, H, W) masks
             mask = g.target.to(x0.device)
             index = (mask.expand(len(x0), *mask.shape[-2:]) if mask.ndim == 2 else mask).unsqueeze(1)
@@ -151,23 +151,43 @@ def log_likelihood(model: Model, guides: Sequence[Guide], x0: torch.Tensor, indi
             probs.append((logp.argmax(1) == index[:, 0]).float().mean(dim=(1, 2)))  # pixel agreement
         else:
             per_image = logp[:, g.target]
-            probs.append(per_image.exp())
+            probs.append(F.softmax(g.head.calibrated(logits.detach()), dim=1)[:, g.target])  # reported: calibrated
         total = total + g.weight * per_image
     return total, probs
 
 
+CLAMPS = ("pass", "none", "hard")
+
+
+def head_input(x0: torch.Tensor, clamp: str = "pass") -> torch.Tensor:
+    """x0_hat as the head sees it. Eq. 11 can leave [-1, 1] at high noise, where no real image lies.
+
+    ``pass`` (default, chosen by benchmarks/guidance_clamp.py): the head reads x0_hat clamped to [-1, 1] and the
+    gradient passes the clamp unchanged (straight-through); ``none``: the head reads x0_hat as Eq. 11 gives it
+    (the paper has no clamp); ``hard``: clamped, and the clipped pixels get no gradient."""
+    if clamp == "none":
+        return x0
+    if clamp == "hard":
+        return x0.clamp(-1, 1)
+    return x0 + (x0.clamp(-1, 1) - x0).detach()
+
+
 def head_guidance(model: Model, guides: Sequence[Guide], lam: float, indices: Sequence[int], *,
-                  grad: str = "full", window: tuple[int, int] | None = None, precision: str = "fp32") -> Denoiser:
+                  grad: str = "full", window: tuple[int, int] | None = None, precision: str = "fp32",
+                  clamp: str = "pass") -> Denoiser:
     """Eq. 13: ``eps_hat = eps - lambda * sqrt(1 - abar_t) * grad_{x_t} log p(y | features(x0_hat(x_t)))``.
 
     ``grad='full'`` differentiates through the denoiser as the paper does; ``grad='x0'`` treats eps as constant,
     so ``d x0_hat / d x_t = 1 / sqrt(abar_t)`` and only the truncated feature pass is differentiated.
-    ``window=(hi, lo)`` guides only while ``lo <= t <= hi``.
+    ``window=(hi, lo)`` guides only while ``lo <= t <= hi``. Both modes treat the clamp of x0_hat the same way
+    (:func:`head_input`).
     """
     if lam < 0:
         raise UserError(f"--lambda must be >= 0, got {lam}")
     if grad not in ("full", "x0"):
         raise UserError(f"unknown --guide-grad {grad!r} (full, x0)")
+    if clamp not in CLAMPS:
+        raise ValueError(f"unknown clamp {clamp!r}")
     abar = model.abar
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -182,15 +202,15 @@ def head_guidance(model: Model, guides: Sequence[Guide], lam: float, indices: Se
                 with autocast(x.device, precision):
                     out = model(x_in, t).float()
                 eps, var = split_output(out, x.shape[1])
-                x0 = eps_to_x0(x_in, t, eps, abar).clamp(-1, 1)  # Eq. 11
+                x0 = head_input(eps_to_x0(x_in, t, eps, abar), clamp)  # Eq. 11
                 logp, _ = log_likelihood(model, guides, x0, indices, precision)
                 (g,) = torch.autograd.grad(logp.sum(), x_in)
             else:
                 with torch.no_grad(), autocast(x.device, precision):
                     out = model(x, t).float()
                 eps, var = split_output(out, x.shape[1])
-                x0 = eps_to_x0(x, t, eps, abar).clamp(-1, 1).requires_grad_(True)
-                logp, _ = log_likelihood(model, guides, x0, indices, precision)
+                x0 = eps_to_x0(x, t, eps, abar).requires_grad_(True)
+                logp, _ = log_likelihood(model, guides, head_input(x0, clamp), indices, precision)
                 (g,) = torch.autograd.grad(logp.sum(), x0)
                 g = g / a.sqrt()  # chain rule with eps held constant
         eps_hat = eps.detach() - lam * (1 - a).sqrt() * g  # Eq. 13
@@ -237,15 +257,12 @@ def head_sampling(guides: Sequence[str], target: str | None, mask: str | None, l
                 raise UserError(f"{mask}: mask ids {int(m.min())}..{int(m.max())} outside the head's "
                                 f"0..{len(head.cfg.classes) - 1}")
             experts.append(Guide(head, weight, m.long()))  # (H, W)
-        else:
-            value = own_target or target
-            if value is None:
-                raise UserError(f"{path}: give --target (one of {', '.join(head.cfg.classes)})")
-            experts.append(Guide(head, weight, head.target_index(value)))
+        else:  # no target: a two-class head guides towards its positive class
+            experts.append(Guide(head, weight, head.target_index(own_target or target)))
 
     def check(model: Model) -> None:
         for g in experts:
-            check_compatible(g.head, model.fingerprint, model.info.get("path"))
+            check_compatible(g.head, model.fingerprint, model.source_path)
             if g.head.cfg.image_size != model.image_size:
                 raise UserError(f"{g.head.path}: trained on {g.head.cfg.image_size} px images, the model makes "
                                 f"{model.image_size} px")

@@ -7,8 +7,10 @@
                    L2-normalised over channels (~1.2M parameters at 1024 input channels) (§5.3).
 - ``pixel``        a small CNN on clean pixels: the paper's DDIM-I baseline, guided through x0_hat.
 
-A head artifact carries its feature spec and the model fingerprint; every consumer checks both. Probabilities
-are temperature-calibrated on a held-out split so they can be thresholded.
+A head artifact carries its feature spec and the model fingerprint; every consumer checks both. A head's raw
+logits (temperature 1) are what guidance differentiates, so the paper's lambda means the same for every head. A
+temperature fitted on the held-out split calibrates only the probabilities that are reported or thresholded
+(``head_prob`` in index.csv, ``filter``, ``--reject``).
 """
 
 from __future__ import annotations
@@ -153,13 +155,27 @@ class Head(nn.Module):
         return gather(taps, self.spec.keys(), self.cfg.normalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits from prepared inputs (``inputs(taps)`` or pixels)."""
-        return self.net(x) / self.cfg.temperature
+        """Raw logits (temperature 1) from prepared inputs (``inputs(taps)`` or pixels): what guidance uses."""
+        return self.net(x)
 
-    def target_index(self, value: str) -> int:
-        if value in self.cfg.classes:
-            return self.cfg.classes.index(value)
-        raise UserError(f"target {value!r} is not among the head's classes ({', '.join(self.cfg.classes)})")
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits -> temperature-calibrated logits, for probabilities that are reported or thresholded."""
+        return logits / self.cfg.temperature
+
+    def target_index(self, value: str | None) -> int:
+        """The class index a guide pushes towards. ``None`` means the positive class of a two-class head
+        (``1``, also spelt by the head's label, e.g. ``has_circle``); other heads need an explicit target."""
+        classes = self.cfg.classes
+        if value is None:
+            if len(classes) == 2 and not self.cfg.dense:
+                return 1
+            raise UserError(f"{self.path or 'the head'}: give --target (one of {', '.join(classes)})")
+        if value in classes:
+            return classes.index(value)
+        if len(classes) == 2 and self.cfg.label and value == self.cfg.label:
+            return 1
+        names = ", ".join(classes) + (f", or {self.cfg.label} for 1" if len(classes) == 2 and self.cfg.label else "")
+        raise UserError(f"target {value!r} is not among the head's classes ({names})")
 
 
 def save_head(path: str | Path, head: Head) -> Path:
@@ -239,13 +255,32 @@ def miou(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
     return float(sum(ious) / max(len(ious), 1))
 
 
+TEMPERATURE_PRIOR_SIGMA = 1.0  # log T ~ N(0, sigma^2): the prior of the calibration fit
+
+
 def calibrate_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """The temperature T minimising the held-out NLL of softmax(logits / T), by a log-spaced search."""
+    """The maximum a posteriori temperature T of softmax(logits / T) on a held-out split.
+
+    The prior ``log T ~ N(0, 1)`` keeps the fit finite when the split is perfectly separated: there the NLL
+    alone falls without bound as T -> 0, so a plain search ends at its lower bound whatever the head. The
+    search runs over ``log T`` in [-3, 3] (T from 0.05 to 20)."""
     if len(y) == 0:
         return 1.0
-    grid = torch.logspace(-1.5, 1.5, 61)
-    nll = torch.stack([F.cross_entropy(logits / t, y) for t in grid])
-    return float(grid[int(nll.argmin())])
+    log_t = torch.linspace(-3.0, 3.0, 121)
+    nll = torch.stack([F.cross_entropy(logits / lt.exp(), y, reduction="sum") for lt in log_t])
+    posterior = nll + log_t ** 2 / (2 * TEMPERATURE_PRIOR_SIGMA ** 2)
+    return float(log_t[int(posterior.argmin())].exp())
+
+
+def chance_warning(metrics: dict[str, float]) -> str | None:
+    """One line when a head's held-out accuracy is near what always answering the commonest class gets."""
+    acc, chance, n = metrics.get("val_accuracy"), metrics.get("val_chance"), metrics.get("val_images", 0)
+    if acc is None or chance is None or n < 8:
+        return None
+    if acc < chance + 0.5 * (1 - chance):  # less than half of the way from chance to perfect
+        return (f"held-out accuracy {acc:.2f} is near chance ({chance:.2f} by always answering the commonest "
+                f"class): these taps may not carry the label; try `ddguide extract ... --blocks auto`")
+    return None
 
 
 def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] | None = None) -> Path:
@@ -266,8 +301,9 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
                           in_channels=in_channels, image_size=int(feats.config["image_size"]), normalize=normalize,
                           dense=dense,
                           label=feats.config.get("label"), train=asdict(cfg))
-    torch.manual_seed(cfg.seed)  # head initialisation (the CLI process owns the global generator)
-    head = Head(head_cfg, PIXELS if spec is None else feats.fingerprint)
+    with torch.random.fork_rng(devices=[]):  # the initialisation is seeded without touching the caller's generator
+        torch.manual_seed(cfg.seed)
+        head = Head(head_cfg, PIXELS if spec is None else feats.fingerprint)
 
     def batch_inputs(idx: torch.Tensor) -> torch.Tensor:
         if cfg.kind == "segmentation":
@@ -275,18 +311,11 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
         return x[idx]
 
     # 1. fit with Adam on random mini-batches of the training split
-    steps = cfg.steps or DEFAULT_STEPS[cfg.kind]
-    opt = torch.optim.AdamW(head.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    head.train()
-    for step in range(steps):
-        idx = train_idx[torch.randint(0, len(train_idx), (min(cfg.batch, len(train_idx)),), generator=gen)]
-        loss = F.cross_entropy(head.net(batch_inputs(idx)), y[idx])  # per-pixel for segmentation
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress and (step + 1) % 10 == 0:
-            progress(step + 1, steps, f"loss {loss.item():.3f}")
+    steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS[cfg.kind]
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    fit(head.net, batch_inputs, y, train_idx, steps=steps, batch=cfg.batch, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, seed=cfg.seed, progress=progress)
 
     # 2. held-out metric and temperature
     head.eval()
@@ -297,11 +326,32 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
             if dense:
                 head.cfg.metrics = {"val_miou": miou(logits.argmax(1), y[val_idx], len(classes))}
             else:
-                head.cfg.metrics = {"val_accuracy": float((logits.argmax(1) == y[val_idx]).float().mean())}
+                counts = torch.bincount(y[val_idx], minlength=len(classes))
+                head.cfg.metrics = {"val_accuracy": float((logits.argmax(1) == y[val_idx]).float().mean()),
+                                    "val_chance": float(counts.max()) / len(val_idx)}
             head.cfg.metrics["val_nll"] = float(F.cross_entropy(_flat(logits) / head.cfg.temperature,
                                                                 _flat_y(y[val_idx])))
         head.cfg.metrics.update({"train_images": len(train_idx), "val_images": len(val_idx)})
     return save_head(cfg.out, head)
+
+
+def fit(net: nn.Module, batch_inputs: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor,
+        train_idx: torch.Tensor, *, steps: int, batch: int, lr: float, weight_decay: float, seed: int,
+        progress: Callable[[int, int, str], None] | None = None) -> nn.Module:
+    """AdamW on random mini-batches of ``train_idx`` (one generator from ``seed``); cross-entropy, per pixel
+    for dense targets. Leaves ``net`` in eval mode."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for step in range(steps):
+        idx = train_idx[torch.randint(0, len(train_idx), (min(batch, len(train_idx)),), generator=gen)]
+        loss = F.cross_entropy(net(batch_inputs(idx)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and (step + 1) % 10 == 0:
+            progress(step + 1, steps, f"loss {loss.item():.3f}")
+    return net.eval()
 
 
 def _flat(logits: torch.Tensor) -> torch.Tensor:

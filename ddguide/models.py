@@ -35,6 +35,7 @@ class Model(nn.Module):
         self.fingerprint = fingerprint
         self.classes = classes
         self.info = dict(info or {})
+        self.source_path: Path | None = None  # the file it was loaded from (set by load_model)
         self.abar = alphas_cumprod(diffusion)  # float64 (T,), kept on the CPU: not a parameter
 
     @property
@@ -80,7 +81,9 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         raise UserError(f"{path}: a PyTorch checkpoint; convert it first with `ddguide convert {path} --out "
                         f"{path.with_suffix('.safetensors').name}`")
     art = artifacts.load(path, "model")
-    return model_from_artifact(art).to(device).eval()
+    model = model_from_artifact(art).to(device).eval()
+    model.source_path = path
+    return model
 
 
 def model_from_artifact(art: artifacts.Artifact) -> Model:

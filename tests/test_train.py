@@ -71,6 +71,7 @@ def test_init_starts_from_a_model(images, tmp_path):
     assert artifacts.load(tmp_path / "second.safetensors", "model").config["train"]["init"] == str(first)
 
 
+@pytest.mark.slow  # two minutes of compilation: run with `pytest -m slow`
 @pytest.mark.skipif(not cpp_compiler_found(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_a_run_resumed_with_compile_trains_the_same_weights(images, tmp_path):
     whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"

@@ -1,0 +1,8 @@
+"""Defaults chosen by measurement, shared by the library and the command line (no imports: the CLI starts fast).
+
+Each value names the benchmark that chose it; README gives the figures.
+"""
+
+# Feature taps of `extract` (benchmarks/taps.py on the shipped model; README, "Choosing taps").
+DEFAULT_BLOCKS = ("mid", "out.2")
+DEFAULT_TIMESTEPS = (300, 800)
