@@ -2,14 +2,21 @@
 
 Library code raises :class:`UserError` for anything the user can fix; :func:`handle_errors` turns it into one
 red line on stderr and exit code 2. Other failures exit with code 1 (and a traceback only with DDGUIDE_DEBUG=1).
+
+:func:`handle_errors` also gives every command ``--json`` and ``--quiet``. A command states its figures once with
+:func:`report`; with ``--json`` they become the one line on stdout (``{"ok": true, "command": ..., ...}``) and the
+human output moves to stderr.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -22,9 +29,28 @@ from ddguide.cliargs import ListCommand
 from ddguide.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Conditional generation from unconditional diffusion models using denoiser representations.")
+                  help="Conditional generation from unconditional diffusion models using denoiser representations.",
+                  epilog="Exit codes: 0 ok, 1 failure, 2 bad input (a user error or a bad option), 130 interrupted. "
+                         "Every command takes --json (one JSON object on stdout, everything else on stderr) and "
+                         "--quiet (no progress or summary); progress is printed as plain lines every "
+                         "$DDGUIDE_PROGRESS_SECONDS (default 5) when stderr is not a terminal.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets.")
 app.add_typer(data_app, name="data")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ddguide import __version__
+
+        out_console.print(f"ddguide {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print `ddguide <version>` and exit.")] = False,
+) -> None:
+    pass  # no docstring: the app's help is the Typer's
 
 console = Console(stderr=True)
 out_console = Console()
@@ -40,39 +66,151 @@ CompileOpt = Annotated[bool, typer.Option("--compile", help=(
     "A run may resume with or without it."))]
 
 
+class _Run:
+    """The command being run: its name, its output modes and the figures it reports (see :func:`report`)."""
+
+    def __init__(self, command: str = "", as_json: bool = False, quiet: bool = False):
+        self.command, self.json, self.quiet = command, as_json, quiet
+        self.figures: dict[str, Any] = {}
+
+
+_run = _Run()
+
+
+def report(**figures: Any) -> None:
+    """State the current command's figures once; with ``--json`` they make its stdout line, after ``"ok"`` and
+    ``"command"``. Paths become strings, tuples lists and non-finite floats null."""
+    _run.figures.update(figures)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # numpy / torch scalars
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _emit_json(command: str, ok: bool, **fields: Any) -> None:
+    """The one stdout line of a ``--json`` run (written directly: rich would wrap or colour it)."""
+    line = json.dumps(_jsonable({"ok": ok, "command": command, **fields}), ensure_ascii=False)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _fail(message: str, markup: str, code: int, *, command: str, as_json: bool) -> typer.Exit:
+    """Print the one error line (``markup`` colours its first word) and, with --json, its JSON twin on stdout."""
+    from rich.markup import escape
+
+    word, _, rest = message.partition(" ")
+    console.quiet = False  # --quiet keeps errors
+    console.print(f"[{markup}]{escape(word)}[/{markup}] {escape(rest)}".rstrip(), highlight=False, soft_wrap=True)
+    if as_json:
+        _emit_json(command, False, error=message)
+    return typer.Exit(code)
+
+
+_JSON_HELP = ("Print one JSON object on stdout (ok, command, out and the figures; on failure ok false and error); "
+              "everything else goes to stderr.")
+_QUIET_HELP = "No progress and no summary; errors still print their one line."
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """User errors -> one line + exit 2; interrupted -> exit 130; unexpected -> one line + exit 1."""
+    """User errors -> one line + exit 2; interrupted -> exit 130; unexpected -> one line + exit 1.
+
+    Also adds ``--json`` and ``--quiet`` to the command (see :func:`report`)."""
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, ddguide_ctx: Any = None, ddguide_json: bool = False, ddguide_quiet: bool = False,
+                **kwargs: Any) -> Any:
+        global _run
+        path = ddguide_ctx.command_path.split()[1:] if ddguide_ctx is not None else [fn.__name__]
+        run = _run = _Run(" ".join(path), ddguide_json, ddguide_quiet)
+        out_console.stderr, out_console.quiet, console.quiet = run.json, run.quiet, run.quiet
         try:
-            return fn(*args, **kwargs)
+            fn(*args, **kwargs)
+            if run.json and int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
+                _emit_json(run.command, True, **run.figures)
         except UserError as e:
-            console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise _fail(f"error: {e}", "red", 2, command=run.command, as_json=run.json) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
+            raise _fail("interrupted", "yellow", 130, command=run.command, as_json=run.json) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line
             if os.environ.get("DDGUIDE_DEBUG"):
                 raise
-            console.print(f"[red]failed:[/red] {e.__class__.__name__}: {e} (set DDGUIDE_DEBUG=1 for a traceback)",
-                          highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise _fail(f"failed: {e.__class__.__name__}: {e} (set DDGUIDE_DEBUG=1 for a traceback)", "red", 1,
+                        command=run.command, as_json=run.json) from None
+        finally:
+            out_console.stderr, out_console.quiet, console.quiet = False, False, False
+
+    params = list(inspect.signature(fn, eval_str=True).parameters.values())
+    extra = {
+        "ddguide_ctx": typer.Context,
+        "ddguide_json": Annotated[bool, typer.Option("--json", help=_JSON_HELP)],
+        "ddguide_quiet": Annotated[bool, typer.Option("--quiet", "-q", help=_QUIET_HELP)],
+    }
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=None if name == "ddguide_ctx" else False)
+               for name, annotation in extra.items()]
+    wrapper.__signature__ = inspect.signature(fn).replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**fn.__annotations__, **extra}
     return wrapper
+
+
+def _progress_seconds() -> float:
+    text = os.environ.get("DDGUIDE_PROGRESS_SECONDS", "5")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise UserError(f"DDGUIDE_PROGRESS_SECONDS: expected a number of seconds >= 0 (got {text!r})")
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    """35 s, 4 min 05 s, 1h 10 min."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600}h {s % 3600 // 60:02d} min"
 
 
 class progress_bar:
     """A rich progress bar that appears on the first update, so errors raised while a stage is still
-    checking its inputs are not preceded by an empty bar. Use as a context manager; call ``update``."""
+    checking its inputs are not preceded by an empty bar. Use as a context manager; call ``update``.
+
+    When stderr is not a terminal (nohup, pipes, CI) it prints plain lines instead, at most one every
+    $DDGUIDE_PROGRESS_SECONDS (default 5) plus the last update; with --quiet, nothing."""
 
     def __init__(self, description: str):
         self.description = description
         self.bar: Progress | None = None
         self.task = None
+        self.quiet = _run.quiet
+        self.plain = not console.is_terminal
+        self.every = _progress_seconds() if self.plain and not self.quiet else 0.0
+        self.start: tuple[float, int, int] | None = None  # (time, done, total) the estimate counts from
+        self.printed = 0.0  # when the last plain line was printed
+        self.pending: tuple[int, int, str, float] | None = None  # the last update (and when), unless printed
 
     def update(self, done: int, total: int, info: str = "") -> None:
+        if self.quiet:
+            return
+        if self.plain:
+            self._plain(done, total, info)
+            return
         if self.bar is None:
             self.bar = Progress(TextColumn(f"[bold]{self.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -81,15 +219,48 @@ class progress_bar:
             self.task = self.bar.add_task(self.description, total=total, info="")
         self.bar.update(self.task, completed=done, total=total, info=info)
 
+    def _plain(self, done: int, total: int, info: str) -> None:
+        now = time.monotonic()
+        if self.start is None or total != self.start[2] or done < self.start[1]:  # a new stage (demo) or restart
+            if self.pending is not None:  # the last update of the stage that ended
+                self._print_plain()
+            self.start = (now, done, total)
+            self.printed = now
+        self.pending = (done, total, info, now)
+        if now - self.printed >= self.every:
+            self._print_plain()
+
+    def _print_plain(self) -> None:
+        assert self.pending is not None and self.start is not None
+        done, total, info, now = self.pending
+        t0, done0, _ = self.start
+        elapsed = now - t0
+        timing = _duration(elapsed)
+        if done < total and done > done0 and elapsed > 0:
+            timing += f", ~{_duration((total - done) * elapsed / (done - done0))} left"
+        text = " ".join(f"{self.description} {done}/{total} {info}".split())
+        console.print(f"{text} ({timing})", markup=False, highlight=False, soft_wrap=True)
+        self.printed, self.pending = now, None
+
     def __enter__(self) -> "progress_bar":
         return self
 
     def __exit__(self, exc_type: Any = None, *_: Any) -> None:
+        if self.pending is not None and exc_type is None:  # the last update shows once the stage is done; after
+            # a failure the error stays the one line a quick stage prints (as the rich bar is transient then)
+            self._print_plain()
         if self.bar is not None:
             if exc_type is not None:  # an error leaves its one line, not a half-filled bar
                 self.bar.live.transient = True
             self.bar.stop()
             self.bar = None
+
+
+def _artifact_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config an artifact was written with (its metadata only), for the figures of --json."""
+    from ddguide import artifacts
+
+    return json.loads(artifacts.read_metadata(path).get("ddguide.config", "{}"))
 
 
 def refuse_existing(path: Path, what: str = "output") -> None:
@@ -120,6 +291,7 @@ def convert(
                               _json_opt(diffusion, "--diffusion")))
     n = sum(p.numel() for p in model.net.parameters())
     out_console.print(f"wrote {out} ({n / 1e6:.1f}M parameters, fingerprint {model.fingerprint})")
+    report(out=out, fingerprint=model.fingerprint, parameters=n)
 
 
 def _json_opt(text: str | None, name: str) -> dict[str, Any]:
@@ -142,7 +314,7 @@ def _json_opt(text: str | None, name: str) -> dict[str, Any]:
 def sample(
     out: Annotated[Path, typer.Option(help="Folder for the PNGs, index.csv and grid.png.")],
     model: ModelOpt = None,
-    n: Annotated[int, typer.Option(help="Number of images.")] = 16,
+    n: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 16,
     steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
     sampler: Annotated[str, typer.Option(
         help="ddim, or ddpm (ancestral: cleaner samples from the shipped model, see the model card).")] = "ddim",
@@ -164,7 +336,7 @@ def sample(
     guide_window: Annotated[Optional[tuple[int, int]], typer.Option(
         help="Guide only while LO <= t <= HI (schedule indices), given as HI LO.")] = None,
     reject: Annotated[Optional[Path], typer.Option(
-        help="Rejection head (on the unconditional model's features): keep drawing until --n images of each "
+        help="Rejection head (on the unconditional model's features): keep drawing until -n images of each "
              "class are accepted.")] = None,
     threshold: Annotated[float, typer.Option(help="Accept a sample when the rejection head's p(class) >= this.")] = 0.2,
     reject_model: Annotated[Optional[Path], typer.Option(
@@ -188,6 +360,7 @@ def sample(
             result = sample_with_rejection(cfg, rs, progress=bar.update)
         _acceptance_table(result)
         out_console.print(f"wrote {result.kept} accepted images, index.csv and grid.png to {out}")
+        report(out=out, images=result.kept, kept=result.kept, per_class=result.per_class)
         return
     if guide and class_:
         raise UserError("--guide and --class cannot be combined yet")
@@ -196,6 +369,7 @@ def sample(
     with progress_bar("sampling") as bar:
         folder = generate(cfg, plan, progress=bar.update)
     out_console.print(f"wrote {n} images, index.csv and grid.png to {folder}")
+    report(out=folder, images=n)
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -246,6 +420,7 @@ def train(
         path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 wrote the model
         out_console.print(f"wrote {path}")
+        report(out=path, steps=_artifact_config(path).get("trained_steps"))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -255,7 +430,7 @@ def train(
 @handle_errors
 def data_shapes(
     out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
-    n: Annotated[int, typer.Option(help="Number of images.")] = 1000,
+    n: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1000,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed; the same arguments give byte-identical files.")] = 0,
     split: Annotated[str, typer.Option(help="train, val or test (each split draws different images).")] = "train",
@@ -267,6 +442,7 @@ def data_shapes(
     with progress_bar("generating") as bar:
         generate(out, ShapesConfig(n=n, size=size, seed=seed, split=split), progress=bar.update)
     out_console.print(f"wrote {n} images to {out}")
+    report(out=out, images=n)
 
 
 # ----------------------------------------------------------------------------------------------- method
@@ -305,6 +481,9 @@ def extract(
         path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 joined the parts
         out_console.print(f"wrote {path}")
+        written = _artifact_config(path)
+        spec = written.get("spec", {})
+        report(out=path, images=written.get("count"), blocks=spec.get("blocks"), timesteps=spec.get("timesteps"))
 
 
 @app.command("train-head", cls=ListCommand)
@@ -332,6 +511,7 @@ def train_head(
     head = load_head(path)
     metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.cfg.metrics.items())
     out_console.print(f"wrote {path} ({metrics}; temperature {head.cfg.temperature:.2f})")
+    report(out=path, kind=head.cfg.kind, metrics=head.cfg.metrics, temperature=head.cfg.temperature)
 
 
 @app.command(cls=ListCommand)
@@ -342,7 +522,7 @@ def demo(
     attribute: Annotated[str, typer.Option(help="Attribute of the shapes domain to guide towards.")] = "has_circle",
     lam: Annotated[float, typer.Option("--lambda", help="Guidance scale lambda of Eq. 13.")] = 10.0,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
-    n: Annotated[int, typer.Option(help="Samples of each kind (guided and unguided).")] = 16,
+    n: Annotated[int, typer.Option("-n", "--num-images", help="Samples of each kind (guided and unguided).")] = 16,
     labels: Annotated[int, typer.Option(help="Labelled images per side (with / without the attribute).")] = 50,
     guide_grad: Annotated[str, typer.Option(help="full or x0 (see `sample --help`).")] = "x0",
     seed: Annotated[int, typer.Option(help="Seed of the data, head and samples.")] = 0,
@@ -365,6 +545,8 @@ def demo(
     out_console.print(table)
     out_console.print(f"head accuracy on held-out labels {result.head_accuracy:.2f}; grid (top: unguided, bottom: "
                       f"guided, same seeds): {result.grid}")
+    report(out=out, unguided=result.unguided, guided=result.guided, head_accuracy=result.head_accuracy,
+           grid=result.grid, base_rate=result.base_rate)
 
 
 @app.command("filter", cls=ListCommand)
@@ -390,6 +572,7 @@ def filter_command(
     if is_main_process():  # under torchrun every rank knows the result; one prints it
         _acceptance_table(result)
         out_console.print(f"kept {result.kept} of {result.total} samples in {out}")
+        report(out=out, kept=result.kept, total=result.total, per_class=result.per_class)
 
 
 def _acceptance_table(result: Any) -> None:
@@ -423,6 +606,8 @@ def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) ->
     out_console.print(table)
     config = json.loads(meta.get("ddguide.config", "{}"))
     out_console.print_json(json.dumps(config))
+    report(file=file, **{key: meta.get(f"ddguide.{key}", "") for key in ("kind", "schema", "version", "fingerprint")},
+           config=config)
 
 
 # --- fid ---
@@ -467,6 +652,8 @@ def fid_command(
         sizes = " vs ".join(str(s.n) if s.n else "?" for s in (result.a, result.b))
         console.print(f"{result.feature_space}, {sizes} images", highlight=False)
         out_console.print(f"FID {result.fid:.4f}", highlight=False)
+    report(**({"out": result.saved} if result.saved is not None else {}), fid=result.fid,
+           feature_space=result.feature_space, n_a=result.a.n, n_b=result.b.n if result.b is not None else None)
 
 
 # --- end fid ---
@@ -513,6 +700,7 @@ def finetune(
         path = run(cfg, progress=bar.update)
     if is_main_process():
         out_console.print(f"wrote {path}")
+        report(out=path, steps=_artifact_config(path).get("trained_steps"))
 
 
 # --- end finetune ---
@@ -574,6 +762,8 @@ def cas_command(
     if len(worst) > len(shown):
         out_console.print(f"(the 5 worst and 5 best of {len(worst)} classes; all are in {result.report})")
     out_console.print(f"wrote {result.report}")
+    report(out=result.report, top1=result.top1, topk=result.top5, k=result.k, n_train=result.n_train,
+           n_test=result.n_test, per_class=result.per_class)
 
 
 # --- end cas ---
@@ -581,17 +771,22 @@ def cas_command(
 
 def main() -> None:
     """Entry point. Usage errors (unknown option, bad value, missing argument) become one line and exit 2."""
+    as_json = "--json" in sys.argv[1:]  # usage errors happen before the command's own --json is parsed
     try:
         code = app(prog_name="ddguide", standalone_mode=False)
     except Exception as e:  # noqa: BLE001 - the parser's usage errors carry format_message and exit code 2
+        ctx = getattr(e, "ctx", None)
+        command = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""
         if getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message"):
-            ctx = getattr(e, "ctx", None)
             where = f"{ctx.command_path} --help" if ctx is not None else "ddguide --help"
-            console.print(f"[red]error:[/red] {e.format_message()} (see `{where}`)", highlight=False,
-                          soft_wrap=True)
-            sys.exit(2)
+            message = e.format_message()
+            if getattr(e, "option_name", None) == "--n":  # the old spelling, which torchrun took for its own
+                message = "No such option: --n (it is -n or --num-images now: under torchrun --n is ambiguous)"
+            raise SystemExit(_fail(f"error: {message} (see `{where}`)", "red", 2, command=command,
+                                   as_json=as_json).exit_code) from None
         if e.__class__.__name__ == "Abort":
-            sys.exit(130)
+            raise SystemExit(_fail("interrupted", "yellow", 130, command=command, as_json=as_json).exit_code) \
+                from None
         raise
     sys.exit(code if isinstance(code, int) else 0)
 

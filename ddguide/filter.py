@@ -5,7 +5,7 @@ taps at T_f = 300 and 800, concatenated and L2-normalised over channels — the 
 training and here (the reference code normalised in training but not when filtering).
 
 - :func:`filter_folder` — ``ddguide filter DIR --head H --threshold T --out KEPT``.
-- :func:`sample_with_rejection` — ``ddguide sample --class all --reject H --threshold T --n N``: draws until N
+- :func:`sample_with_rejection` — ``ddguide sample --class all --reject H --threshold T -n N``: draws until N
   images of each class are accepted and reports the acceptance rate per class.
 """
 

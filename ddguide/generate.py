@@ -45,7 +45,7 @@ class SampleConfig:
 
     def validate(self) -> None:
         if self.n < 1 or self.batch < 1 or self.steps < 1:
-            raise UserError("--n, --batch and --steps must be >= 1")
+            raise UserError("--num-images, --batch and --steps must be >= 1")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
         if not 0.0 <= self.eta <= 1.0:

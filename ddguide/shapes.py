@@ -117,7 +117,7 @@ def size_limits(size: int) -> SizeLimits:
 def check_config(cfg: ShapesConfig) -> None:
     """Refuse arguments that cannot make a dataset, with a line that says what is allowed."""
     if cfg.n < 1:
-        raise UserError(f"--n must be at least 1 (got {cfg.n})")
+        raise UserError(f"--num-images must be at least 1 (got {cfg.n})")
     if cfg.size < 16 or cfg.size % 8:
         raise UserError(f"--size must be a multiple of 8 and at least 16 (got {cfg.size})")
     if cfg.split not in SPLITS:

@@ -32,7 +32,7 @@ def assert_user_error(result, *fragments: str):
 
 def test_sample_writes_images_index_and_grid(tiny_model_path, tmp_path):
     out = tmp_path / "s"
-    r = run("sample", "--model", tiny_model_path, "--n", 5, "--steps", 4, "--batch", 2, "--out", out,
+    r = run("sample", "--model", tiny_model_path, "-n", 5, "--steps", 4, "--batch", 2, "--out", out,
             "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.glob("0*.png")) == [f"{k:06d}.png" for k in range(5)]
@@ -43,7 +43,7 @@ def test_sample_writes_images_index_and_grid(tiny_model_path, tmp_path):
 
 def test_image_k_is_the_same_for_batch_1_and_4(tiny_model_path, tmp_path):
     for batch in (1, 4):
-        r = run("sample", "--model", tiny_model_path, "--n", 4, "--steps", 3, "--batch", batch,
+        r = run("sample", "--model", tiny_model_path, "-n", 4, "--steps", 3, "--batch", batch,
                 "--out", tmp_path / f"b{batch}", "--device", "cpu", "--sampler", "ddpm")
         assert r.exit_code == 0, r.output
     for k in range(4):
@@ -115,7 +115,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_bad_options_are_user_errors(tiny_model_path, tmp_path):
     assert_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "--sampler", "euler",
                           "--device", "cpu"), "unknown sampler")
-    assert_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "--n", 0,
+    assert_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "-n", 0,
                           "--device", "cpu"), ">= 1")
     assert_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "--precision", "fp8",
                           "--device", "cpu"), "unknown precision")
@@ -130,7 +130,7 @@ def test_pytorch_checkpoint_given_as_model_says_convert(tmp_path):
 
 
 def test_torchrun_shards_give_the_same_images(tiny_model_path, tmp_path, monkeypatch):
-    args = ["sample", "--model", tiny_model_path, "--n", 5, "--steps", 3, "--batch", 2, "--device", "cpu"]
+    args = ["sample", "--model", tiny_model_path, "-n", 5, "--steps", 3, "--batch", 2, "--device", "cpu"]
     assert run(*args, "--out", tmp_path / "one").exit_code == 0
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in ("1", "0"):
@@ -146,7 +146,8 @@ def test_torchrun_shards_give_the_same_images(tiny_model_path, tmp_path, monkeyp
 
 @pytest.mark.parametrize("argv, fragment", [
     (["sample", "--no-such-option"], "No such option"),
-    (["sample", "--n", "many", "--out", "x"], "Invalid value for '--n'"),
+    (["sample", "-n", "many", "--out", "x"], "Invalid value for '-n' / '--num-images'"),
+    (["sample", "--n", "4", "--out", "x"], "it is -n or --num-images now"),
     (["extract"], "Missing argument"),
     (["nosuchcmd"], "No such command"),
 ])

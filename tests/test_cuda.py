@@ -51,7 +51,7 @@ def pngs(folder: Path) -> np.ndarray:
 def test_samples_on_the_device_equal_those_on_the_cpu(tiny_model_path, tmp_path, sampler, eta):
     extra = ("--eta", eta) if eta is not None else ()
     for dev in ("cpu", DEVICE):
-        ok(run("sample", "--model", tiny_model_path, "--n", 3, "--steps", 6, "--sampler", sampler, *extra,
+        ok(run("sample", "--model", tiny_model_path, "-n", 3, "--steps", 6, "--sampler", sampler, *extra,
                "--precision", "fp32", "--device", dev, "--out", tmp_path / dev))
     a, b = pngs(tmp_path / "cpu"), pngs(tmp_path / DEVICE)
     assert a.shape == b.shape == (3, 16, 16, 3)
@@ -66,7 +66,7 @@ def test_the_method_on_the_device(root, tiny_model_path, tmp_path):
     ok(run("train-head", feats, "--out", head, "--steps", 20))
     for grad in ("x0", "full"):
         ok(run("sample", "--model", tiny_model_path, "--guide", head, "--target", 1, "--lambda", 10,
-               "--guide-grad", grad, "--n", 2, "--steps", 4, "--device", DEVICE, "--out", tmp_path / grad))
+               "--guide-grad", grad, "-n", 2, "--steps", 4, "--device", DEVICE, "--out", tmp_path / grad))
         assert len(pngs(tmp_path / grad)) == 2
 
     seg_feats, seg = tmp_path / "fm.safetensors", tmp_path / "seg.safetensors"
@@ -74,7 +74,7 @@ def test_the_method_on_the_device(root, tiny_model_path, tmp_path):
            "--masks", root / "masks", "--out", seg_feats, "--device", DEVICE))
     ok(run("train-head", seg_feats, "--kind", "segmentation", "--out", seg, "--steps", 20))
     ok(run("sample", "--model", tiny_model_path, "--guide", seg, "--mask", root / "masks" / "red" / "im01.png",
-           "--lambda", 0.01, "--n", 2, "--steps", 4, "--device", DEVICE, "--out", tmp_path / "seg"))
+           "--lambda", 0.01, "-n", 2, "--steps", 4, "--device", DEVICE, "--out", tmp_path / "seg"))
     assert len(pngs(tmp_path / "seg")) == 2
 
 
@@ -89,7 +89,7 @@ def test_training_fine_tuning_and_rejection_on_the_device(root, tiny_model_path,
     cond = tmp_path / "cond.safetensors"
     ok(run("finetune", root / "images", "--model", tiny_model_path, "--out", cond, "--steps", 4, "--batch", 4,
            "--device", DEVICE))
-    ok(run("sample", "--model", cond, "--class", "all", "--cfg", 1.0, "--n", 2, "--steps", 3,
+    ok(run("sample", "--model", cond, "--class", "all", "--cfg", 1.0, "-n", 2, "--steps", 3,
            "--device", DEVICE, "--out", tmp_path / "cfg"))
 
     feats, rej = tmp_path / "r.safetensors", tmp_path / "rej.safetensors"

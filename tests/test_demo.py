@@ -7,7 +7,7 @@ from ddguide.cli import app
 
 def test_demo_runs_the_whole_pipeline(tiny_model_path, tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(app, ["demo", "--model", str(tiny_model_path), "--out", str(out), "--n", "3",
+    r = CliRunner().invoke(app, ["demo", "--model", str(tiny_model_path), "--out", str(out), "-n", "3",
                                  "--labels", "6", "--steps", "3", "--device", "cpu", "--attribute", "has_red"])
     assert r.exit_code == 0, r.output
     assert "unguided" in r.output and "guided" in r.output

@@ -27,7 +27,7 @@ def setup(tmp_path_factory, tiny_model_path):
            "--steps", 20))
     ok(run("finetune", root / "data", "--model", tiny_model_path, "--out", root / "cond.safetensors",
            "--steps", 4, "--batch", 4, "--device", "cpu"))
-    ok(run("sample", "--model", root / "cond.safetensors", "--class", "all", "--cfg", "0.01", "--n", 4,
+    ok(run("sample", "--model", root / "cond.safetensors", "--class", "all", "--cfg", "0.01", "-n", 4,
            "--steps", 3, "--out", root / "samples", "--device", "cpu"))
     return root
 
@@ -57,7 +57,7 @@ def test_filter_bad_input(setup, tiny_model_path, tmp_path, monkeypatch):
 
 def test_sample_with_rejection_reports_acceptance(setup, tiny_model_path, tmp_path):
     r = ok(run("sample", "--model", setup / "cond.safetensors", "--reject", setup / "rej.safetensors",
-               "--threshold", 0.0, "--reject-model", tiny_model_path, "--n", 2, "--steps", 2, "--batch", 4,
+               "--threshold", 0.0, "--reject-model", tiny_model_path, "-n", 2, "--steps", 2, "--batch", 4,
                "--out", tmp_path / "r", "--device", "cpu"))
     assert "acceptance per class" in r.output
     rows = list(csv.DictReader(open(tmp_path / "r" / "index.csv")))

@@ -158,7 +158,7 @@ def test_compile_reaches_the_optimisation_loop(two_classes, tiny_model_path, tmp
 
 def test_sample_a_class_with_cfg_from_the_cli(cond_path, tmp_path):
     out = tmp_path / "s"
-    r = run("sample", "--model", cond_path, "--class", "red", "--cfg", 0.01, "--n", 2, "--steps", 2,
+    r = run("sample", "--model", cond_path, "--class", "red", "--cfg", 0.01, "-n", 2, "--steps", 2,
             "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
     rows = (out / "index.csv").read_text().splitlines()
@@ -181,7 +181,7 @@ def test_cfg_with_w_0_is_the_conditional_model_and_leaves_labels_alone(cond_path
 
 
 def test_class_not_in_the_model(cond_path, tmp_path):
-    assert_user_error(run("sample", "--model", cond_path, "--class", "green", "--cfg", 0.01, "--n", 1,
+    assert_user_error(run("sample", "--model", cond_path, "--class", "green", "--cfg", 0.01, "-n", 1,
                           "--steps", 2, "--out", tmp_path / "s", "--device", "cpu"), "'green'", "blue, red")
 
 

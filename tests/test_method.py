@@ -132,7 +132,7 @@ def test_full_mode_differentiates_through_the_denoiser(workdir, tiny_model_path)
 
 
 def test_guided_sampling_raises_the_head_probability(workdir, tiny_model_path, tmp_path):
-    common = ("--model", tiny_model_path, "--n", 4, "--steps", 8, "--device", "cpu", "--batch", 4)
+    common = ("--model", tiny_model_path, "-n", 4, "--steps", 8, "--device", "cpu", "--batch", 4)
     ok(run("sample", *common, "--guide", workdir / "h.safetensors", "--target", 1, "--lambda", 0,
            "--out", tmp_path / "u"))
     ok(run("sample", *common, "--guide", workdir / "h.safetensors", "--target", 1, "--lambda", 30,
@@ -148,13 +148,13 @@ def test_segmentation_pipeline(workdir, tiny_model_path, tmp_path):
     r = ok(run("train-head", feats, "--kind", "segmentation", "--out", head, "--steps", 60))
     assert "val_miou" in r.output
     ok(run("sample", "--model", tiny_model_path, "--guide", head, "--mask", workdir / "masks" / "im001.png",
-           "--lambda", "0.01", "--n", 2, "--steps", 4, "--device", "cpu", "--out", tmp_path / "s"))
+           "--lambda", "0.01", "-n", 2, "--steps", 4, "--device", "cpu", "--out", tmp_path / "s"))
     assert len((tmp_path / "s" / "index.csv").read_text().splitlines()) == 3
     # the DDIM-I baseline for masks: a fully convolutional head on pixels, guided the same way
     ok(run("train-head", feats, "--kind", "pixel", "--out", tmp_path / "px.safetensors", "--steps", 20))
     assert load_head(tmp_path / "px.safetensors").cfg.dense
     ok(run("sample", "--model", tiny_model_path, "--guide", tmp_path / "px.safetensors", "--mask",
-           workdir / "masks" / "im001.png", "--lambda", "0.01", "--n", 1, "--steps", 3, "--device", "cpu",
+           workdir / "masks" / "im001.png", "--lambda", "0.01", "-n", 1, "--steps", 3, "--device", "cpu",
            "--out", tmp_path / "p"))
 
 
