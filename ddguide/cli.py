@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ddguide.cliargs import ListCommand
+from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS
 from ddguide.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -312,7 +313,7 @@ def _json_opt(text: str | None, name: str) -> dict[str, Any]:
 @app.command(cls=ListCommand)
 @handle_errors
 def sample(
-    out: Annotated[Path, typer.Option(help="Folder for the PNGs, index.csv and grid.png.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs, index.csv and grid.png.")] = Path("samples"),
     model: ModelOpt = None,
     n: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 16,
     steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
@@ -327,10 +328,17 @@ def sample(
         "--cfg", help="Classifier-free guidance weight w: eps = (1+w) eps(x,c) - w eps(x,null).")] = None,
     guide: Annotated[Optional[list[str]], typer.Option(
         metavar="HEAD[:w[:target]] ...", help="Heads to guide with; several multiply as a product of experts.")] = None,
-    target: Annotated[Optional[str], typer.Option(help="Class the classifier heads should see (e.g. 1).")] = None,
+    target: Annotated[Optional[str], typer.Option(help=(
+        "Class the classifier heads should see. Default for a two-class head: its positive class 1 (also "
+        "spelt by the head's label, e.g. has_circle); 0 selects the other. HEAD:w:target sets it per head."))]
+        = None,
     mask: Annotated[Optional[Path], typer.Option(
         help="Mask (PNG or .npy of class ids) for segmentation heads.")] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="Guidance scale lambda of Eq. 13.")] = 1.0,
+    lam: Annotated[float, typer.Option("--lambda", help=(
+        "Guidance scale lambda of Eq. 13, the paper's: the gradient is that of the heads' raw log-softmax "
+        "(temperature 1, whatever temperature train-head calibrated), so lambda means the same for every head. "
+        "x0_hat is clamped to [-1, 1] before the heads read it and the gradient passes the clamp unchanged, in "
+        "both --guide-grad modes."))] = 1.0,
     guide_grad: Annotated[str, typer.Option(
         help="full: differentiate through the denoiser (paper); x0: hold eps constant (cheaper).")] = "full",
     guide_window: Annotated[Optional[tuple[int, int]], typer.Option(
@@ -454,8 +462,14 @@ def extract(
     data: Annotated[Path, typer.Argument(help="Image folder (flat, or class sub-folders whose names are labels).")],
     out: Annotated[Path, typer.Option(help="Features artifact to write (.safetensors).")],
     model: ModelOpt = None,
-    timesteps: Annotated[list[int], typer.Option(metavar="T ...", help="Feature timesteps T_f.")] = [300, 800],
-    blocks: Annotated[list[str], typer.Option(metavar="BLOCK ...", help="Blocks to tap: in.<i>, mid, out.<i>.")] = ["mid", "out.2"],
+    timesteps: Annotated[list[str], typer.Option(metavar="T ...", help=(
+        "Feature timesteps T_f, or auto (with --blocks auto: sweep 10, 30, 50 and 80 % of the model's steps)."))]
+        = list(map(str, DEFAULT_TIMESTEPS)),
+    blocks: Annotated[list[str], typer.Option(metavar="BLOCK ...", help=(
+        "Blocks to tap: in.<i>, mid, out.<i>; or auto: a held-out sweep over mid and the decoder's upsampling "
+        "blocks (alone and with a neighbour) x the timesteps, on the labelled images; it prints the table and "
+        "keeps the best. The default was chosen that way on the shipped model (README, benchmarks/taps.py)."))]
+        = list(DEFAULT_BLOCKS),
     noise: Annotated[str, typer.Option(help="none: clean image (official code); fixed: q(x_T|x0) with a fixed "
                                             "seed per image (Baranchuk et al.).")] = "none",
     seed: Annotated[int, typer.Option(help="Seed of the fixed noise.")] = 0,
@@ -472,18 +486,49 @@ def extract(
     """Extract denoiser features (native resolution, streamed to disk) with labels or masks."""
     from ddguide.features import ExtractConfig, extract as run
     from ddguide.models import is_main_process
+    from ddguide.tapsweep import AUTO, extract_auto
 
-    cfg = ExtractConfig(data=str(data), out=str(out), model=str(model) if model else None, blocks=tuple(blocks),
-                        timesteps=tuple(timesteps), noise=noise, seed=seed, labels=str(labels) if labels else None,
-                        label=label, masks=str(masks) if masks else None, batch=batch, storage=storage,
-                        device=device, precision=precision, resize=resize)
-    with progress_bar("extracting") as bar:
-        path = run(cfg, progress=bar.update)
+    auto_blocks, auto_times = blocks == [AUTO], timesteps == [AUTO]
+    if (AUTO in blocks and not auto_blocks) or (AUTO in timesteps and not auto_times):
+        raise UserError("auto stands alone: --blocks auto, --timesteps auto")
+    if auto_times and not auto_blocks:
+        raise UserError("--timesteps auto goes with --blocks auto")
+    cfg = ExtractConfig(data=str(data), out=str(out), model=str(model) if model else None,
+                        blocks=tuple(blocks) if not auto_blocks else (), noise=noise, seed=seed,
+                        timesteps=() if auto_times else _int_list(timesteps, "--timesteps"),
+                        labels=str(labels) if labels else None, label=label, masks=str(masks) if masks else None,
+                        batch=batch, storage=storage, device=device, precision=precision, resize=resize)
+    if auto_blocks:
+        with progress_bar("choosing taps") as bar:
+            path, rows = extract_auto(cfg, auto_blocks=True, auto_times=auto_times, progress=bar.update)
+        table = Table(title="held-out accuracy of a classifier head per tap set (k-fold on the labelled images)")
+        for column in ("blocks", "timesteps", "accuracy", "spread", "channels"):
+            table.add_column(column, justify="left" if column in ("blocks", "timesteps") else "right")
+        for row in rows:
+            table.add_row(" ".join(row.blocks), " ".join(map(str, row.timesteps)), f"{row.accuracy:.3f}",
+                          f"{row.spread:.3f}", str(row.channels))
+        console.print(table)
+        best = rows[0]
+        console.print(f"chose --blocks {' '.join(best.blocks)} --timesteps {' '.join(map(str, best.timesteps))}",
+                      highlight=False)
+    else:
+        with progress_bar("extracting") as bar:
+            path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 joined the parts
         out_console.print(f"wrote {path}")
         written = _artifact_config(path)
         spec = written.get("spec", {})
         report(out=path, images=written.get("count"), blocks=spec.get("blocks"), timesteps=spec.get("timesteps"))
+
+
+def _int_list(values: list[str], name: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in values)
+    except ValueError:
+        raise UserError(f"{name}: expected whole numbers, got {' '.join(values)}") from None
+    if any(v < 0 for v in numbers):
+        raise UserError(f"{name}: values must not be negative")
+    return numbers
 
 
 @app.command("train-head", cls=ListCommand)
@@ -501,7 +546,7 @@ def train_head(
     seed: Annotated[int, typer.Option(help="Seed of the split, initialisation and batches.")] = 0,
 ) -> None:
     """Train a head on denoiser features (or on pixels, --kind pixel)."""
-    from ddguide.heads import TrainHeadConfig, load_head, train_head as run
+    from ddguide.heads import TrainHeadConfig, chance_warning, load_head, train_head as run
 
     cfg = TrainHeadConfig(features=str(features), out=str(out), kind=kind, steps=steps, batch=batch, lr=lr,
                           val_fraction=val_fraction, seed=seed, blocks=tuple(blocks) if blocks else None,
@@ -509,6 +554,9 @@ def train_head(
     with progress_bar("training head") as bar:
         path = run(cfg, progress=bar.update)
     head = load_head(path)
+    warning = chance_warning(head.cfg.metrics)
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.cfg.metrics.items())
     out_console.print(f"wrote {path} ({metrics}; temperature {head.cfg.temperature:.2f})")
     report(out=path, kind=head.cfg.kind, metrics=head.cfg.metrics, temperature=head.cfg.temperature)
