@@ -29,9 +29,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from scipy import linalg
+from scipy.linalg import lapack
 
 from ddguide import artifacts, inception, models
-from ddguide.data import list_images, load_image, to_tensor
+from ddguide.data import inside, list_images, load_image, to_tensor
 from ddguide.errors import UserError
 
 INCEPTION_SPACE = "inception-v3-pool3"
@@ -46,10 +47,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                      eps: float = 1e-6) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
-    Follows pytorch-fid's ``calculate_frechet_distance`` step for step (so the numbers agree), but calls
-    ``scipy.linalg.sqrtm`` without the ``disp`` argument that SciPy 1.18 removed: when the square root of
-    the product is not finite, ``eps`` is added to both diagonals and it is tried again; a
-    result with a non-negligible imaginary diagonal is an error, a negligible one is dropped.
+    Agrees with pytorch-fid's ``calculate_frechet_distance`` (to 8+ significant digits, full-rank or
+    singular covariances) but needs only the trace of the square root, which for symmetric positive
+    semi-definite covariances is that of the symmetric product: with ``sigma1 = B B^T`` (pivoted Cholesky),
+    ``Tr (sigma1 sigma2)^(1/2) = sum sqrt(eig(B^T sigma2 B))``, one Cholesky and one ``eigvalsh`` instead
+    of ``scipy.linalg.sqrtm`` (see benchmarks/fid_speed.py). pytorch-fid's semantics are kept: when that trace is
+    not finite, ``eps`` is added to both diagonals and it is tried again. Inputs that are not symmetric
+    positive semi-definite covariances go through pytorch-fid's own steps (``sqrtm`` without the ``disp``
+    argument that SciPy 1.18 removed, the ``eps`` retry, and an error for a non-negligible imaginary
+    diagonal).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -57,6 +63,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
+    tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+    if tr_covmean is not None and not np.isfinite(tr_covmean):
+        offset = np.eye(sigma1.shape[0]) * eps
+        tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    if tr_covmean is not None and np.isfinite(tr_covmean):
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # The product is (numerically) singular: regularise both covariances.
@@ -68,6 +80,51 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                              f"{np.max(np.abs(covmean.imag)):.3g}; the statistics are degenerate")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _is_covariance(sigma: np.ndarray) -> bool:
+    """Symmetric (to rounding) with finite entries, as a covariance is."""
+    if not np.isfinite(sigma).all():
+        return False
+    scale = np.abs(sigma).max(initial=0.0)
+    return bool(np.abs(sigma - sigma.T).max(initial=0.0) <= 1e-10 * scale)
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float | None:
+    """Tr (sigma1 sigma2)^(1/2) for symmetric PSD matrices, via sigma1 = B B^T and eig(B^T sigma2 B).
+
+    ``B`` comes from LAPACK's pivoted Cholesky (``dpstrf``), which stops at sigma1's numerical rank (pivots
+    below D * eps * max diag), so a covariance of n < D samples gets an exactly null null space. The eigenvalues
+    of B^T sigma2 B (symmetric PSD) are those of sigma2 B B^T = sigma2 sigma1, so the trace of the square root
+    is the sum of their square roots; eigenvalues within rounding of zero count as zero. This is exact to
+    ~1e-14 on rank-deficient covariances, where ``sqrtm`` is off by ~1e-8.
+    None when the symmetric form does not apply (an input that is not symmetric, or not positive
+    semi-definite): the caller then takes pytorch-fid's general ``sqrtm`` steps.
+    """
+    if not (_is_covariance(sigma1) and _is_covariance(sigma2)):
+        return None
+    with np.errstate(all="ignore"):
+        factor, piv, rank, info = lapack.dpstrf(sigma1, lower=1)
+        if info < 0:
+            return None
+        b = np.zeros((sigma1.shape[0], rank))
+        b[piv - 1] = np.tril(factor)[:, :rank]  # sigma1 = b @ b.T (to rounding, if sigma1 is PSD)
+        # Indefinite sigma1: the factorisation stops at a non-positive pivot and leaves a large remainder.
+        if np.abs(sigma1 - b @ b.T).max(initial=0.0) > _rounding(np.diagonal(sigma1)):
+            return None
+        m = b.T @ sigma2 @ b
+        if not np.isfinite(m).all():
+            return float("nan")  # overflow: the caller regularises and retries, as for a non-finite sqrtm
+        w = np.linalg.eigvalsh((m + m.T) / 2)
+        if w.min(initial=0.0) < -_rounding(w):
+            return None
+        tiny = np.finfo(np.float64).eps * np.abs(w).max(initial=0.0)
+        return float(np.sqrt(np.where(w > tiny, w, 0.0)).sum())
+
+
+def _rounding(eigenvalues: np.ndarray) -> float:
+    """How far below zero an eigenvalue of a PSD matrix may fall by rounding alone."""
+    return eigenvalues.shape[0] * np.finfo(np.float64).eps * 1e3 * max(np.abs(eigenvalues).max(initial=0.0), 1e-300)
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
@@ -352,7 +409,7 @@ def read_index(index: Path) -> list[Path]:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "file" not in reader.fieldnames:
                 raise UserError(f"{index}: sample index without a 'file' column")
-            files = [index.parent / row["file"] for row in reader if row.get("file")]
+            files = [inside(index.parent, row["file"], index) for row in reader if row.get("file")]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{index}: unreadable sample index ({e.__class__.__name__})") from None
     missing = [f for f in files if not f.is_file()]
@@ -459,4 +516,7 @@ def _build_extractor(kind: str, cfg: FidConfig) -> FeatureExtractor:
 
 
 def _denoiser_extractor(cfg: FidConfig, device: torch.device) -> DenoiserFeatures:
-    return DenoiserFeatures(models.load_model(cfg.model, device), device, timestep=cfg.timestep)
+    model = models.load_model(cfg.model, device)
+    if not 0 <= cfg.timestep < model.diffusion.steps:
+        raise UserError(f"--timestep {cfg.timestep} is outside the model's 0..{model.diffusion.steps - 1}")
+    return DenoiserFeatures(model, device, timestep=cfg.timestep)

@@ -141,6 +141,58 @@ def test_singular_product_is_regularised_like_pytorch_fid():
     assert frechet_distance(mu, s1, mu, s2) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("d, n", [(128, 1000), (256, 250), (256, 2000)])  # full rank, singular (rank 249), full
+def test_symmetric_form_agrees_with_sqrtm_to_8_digits(d, n):
+    # The symmetric-form trace replaces scipy's sqrtm; the distances agree to >= 8 significant digits.
+    rng = np.random.default_rng(d + n)
+    mu1, s1 = random_gaussian(rng, d, n)
+    mu2, s2 = random_gaussian(rng, d, n)
+    assert fid._trace_sqrt_product(s1, s2) is not None  # the fast path is the one tested
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference_frechet_distance(mu1, s1, mu2, s2),
+                                                                rel=1e-8)
+
+
+@pytest.mark.parametrize("d, n", [(64, 40), (256, 100)])
+def test_symmetric_form_is_exact_on_rank_deficient_covariances(d, n):
+    # With n < d samples, Tr (S1 S2)^(1/2) is the nuclear norm of C1 C2^T / (n - 1) (C: centred samples),
+    # an exact reference: the symmetric form meets it to ~1e-14; sqrtm is off by ~1e-8 (so only 1e-7 against it).
+    rng = np.random.default_rng(d)
+    x1, x2 = (rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d) for _ in range(2))
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    s1, s2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+    nuclear = np.linalg.svd((x1 - mu1) @ (x2 - mu2).T / (n - 1), compute_uv=False).sum()
+    exact = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * nuclear
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference_frechet_distance(mu1, s1, mu2, s2),
+                                                                rel=1e-7)
+
+
+def test_non_finite_symmetric_trace_is_regularised_and_retried(monkeypatch):
+    # pytorch-fid's retry: a non-finite root is computed again with eps on both diagonals.
+    mu1, s1 = random_gaussian(np.random.default_rng(3), 8)
+    mu2, s2 = random_gaussian(np.random.default_rng(4), 8)
+    real, calls = fid._trace_sqrt_product, []
+
+    def first_fails(a, b):
+        calls.append(a.copy())
+        return float("nan") if len(calls) == 1 else real(a, b)
+
+    monkeypatch.setattr(fid, "_trace_sqrt_product", first_fails)
+    got = frechet_distance(mu1, s1, mu2, s2, eps=1e-3)
+    assert len(calls) == 2 and np.allclose(calls[1] - s1, np.eye(8) * 1e-3)
+    offset = np.eye(8) * 1e-3
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * real(s1 + offset, s2 + offset)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_indefinite_input_takes_pytorch_fids_general_path():
+    # Not a covariance (a clearly negative eigenvalue): the symmetric form declines and sqrtm's steps apply.
+    s1, s2 = np.diag([1.0, -1.0]), np.eye(2)
+    assert fid._trace_sqrt_product(s1, s2) is None
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
+
+
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
