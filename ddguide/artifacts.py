@@ -121,18 +121,88 @@ def save(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a safetensors file, without reading its tensors."""
+    """The metadata of a safetensors file, without reading its tensors (the header is checked first)."""
+    return dict(read_header(path)[0])
+
+
+HEADER_LIMIT = 100_000_000  # bytes of JSON header a file may claim
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """(metadata, tensor entries) of a safetensors file, every field type-checked: the metadata a map of
+    strings, each entry a known dtype, a shape of whole numbers and data offsets that fit the file."""
     path = Path(path)
     _require_file(path)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             header_len = int.from_bytes(f.read(8), "little")
-            if header_len <= 0 or header_len > 100_000_000:
+            if header_len <= 0 or header_len > min(HEADER_LIMIT, size - 8):
                 raise ValueError
             header = json.loads(f.read(header_len))
-    except (ValueError, OSError, UnicodeDecodeError):
+    except (ValueError, OSError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{path}: not a safetensors file") from None
-    return dict(header.get("__metadata__") or {})
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise UserError(f"{path}: malformed safetensors metadata (expected a map of strings)")
+    data = size - 8 - header_len
+    for name, entry in header.items():
+        _check_entry(path, name, entry, data)
+    return meta, header
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _check_entry(path: Path, name: str, entry: Any, data: int) -> None:
+    ok = (isinstance(entry, dict) and entry.get("dtype") in _ITEMSIZE and isinstance(entry.get("shape"), list)
+          and all(type(s) is int and s >= 0 for s in entry["shape"]) and isinstance(entry.get("data_offsets"), list)
+          and len(entry["data_offsets"]) == 2 and all(type(o) is int for o in entry["data_offsets"]))
+    if ok:
+        lo, hi = entry["data_offsets"]
+        ok = 0 <= lo <= hi <= data and hi - lo == _numel(entry["shape"]) * _ITEMSIZE[entry["dtype"]]
+    if not ok:
+        raise UserError(f"{path}: malformed safetensors entry for tensor {name[:80]!r} (truncated or corrupt file)")
+
+
+def _typed_metadata(path: Path, meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """ddguide.schema as an integer and ddguide.config as a JSON object, or one line saying which is broken."""
+    text = meta.get(_PREFIX + "schema", "0")
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise UserError(f"{path}: ddguide.schema is not a whole number ({text[:40]!r})")
+    try:
+        config = json.loads(meta.get(_PREFIX + "config", "{}"))
+    except (ValueError, RecursionError):
+        raise UserError(f"{path}: ddguide.config is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: ddguide.config is not a JSON object")
+    return int(text), config
+
+
+def describe(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, config) of an artifact, without its tensors, after the same checks as :func:`load`."""
+    path = Path(path)
+    meta, _ = read_header(path)
+    if not meta.get(_PREFIX + "kind"):
+        raise UserError(f"{path}: a safetensors file but not a ddguide artifact (no ddguide.kind metadata)")
+    if meta[_PREFIX + "kind"] not in KINDS:
+        raise UserError(f"{path}: unknown artifact kind {meta[_PREFIX + 'kind'][:40]!r} ({', '.join(KINDS)})")
+    schema, config = _typed_metadata(path, meta)
+    if schema != SCHEMA:
+        raise UserError(f"{path}: artifact schema {schema} is not supported (this ddguide reads schema {SCHEMA})")
+    return meta, config
+
+
+def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite values in floating tensors (broken weights give black images, not an error)."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{path}: tensor {name} holds NaN or infinite values (the file's weights are broken)")
 
 
 def load(
@@ -143,20 +213,21 @@ def load(
 ) -> Artifact:
     """Load an artifact, refusing files of another kind or of an unknown schema."""
     path = Path(path)
-    meta = read_metadata(path)
+    meta, _ = read_header(path)
     found = meta.get(_PREFIX + "kind")
-    if found is None:
+    if not found:
         raise UserError(f"{path}: a safetensors file but not a ddguide artifact (no ddguide.kind metadata)")
     wanted = (kind,) if isinstance(kind, str) else tuple(kind or ())
     if wanted and found not in wanted:
         raise UserError(f"{path}: is a {found!r} artifact, expected {' or '.join(map(repr, wanted))}")
-    schema = int(meta.get(_PREFIX + "schema", "0"))
+    schema, config = _typed_metadata(path, meta)
     if schema != SCHEMA:
         raise UserError(f"{path}: artifact schema {schema} is not supported (this ddguide reads schema {SCHEMA})")
     try:
         tensors = st_load_bytes(path.read_bytes())
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: unreadable safetensors data ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: unreadable safetensors data ({str(e)[:200]})") from None
+    check_finite(path, tensors)
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     known = {"kind", "schema", "version", "config", "fingerprint"}
@@ -164,13 +235,68 @@ def load(
     return Artifact(
         path=path,
         kind=found,
-        config=json.loads(meta.get(_PREFIX + "config", "{}")),
+        config=config,
         fingerprint=meta.get(_PREFIX + "fingerprint", ""),
         tensors=tensors,
         schema=schema,
         version=meta.get(_PREFIX + "version", ""),
         extra=extra,
     )
+
+
+def check_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` checked against dataclass ``cls``: a JSON object with no unknown or missing fields, each of its
+    annotated type (int, float, bool, str, lists, tuples, dicts, ``X | None``); returns it unchanged."""
+    import dataclasses
+    import typing
+
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(map(str, unknown))[:120]}")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            raise UserError(f"{where}: field {name} should be {_type_name(hints[name])}, found {str(value)[:40]!r}")
+    return data
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    import math
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def check_fingerprint(expected: str, actual: str, *, consumer: str | os.PathLike, source: str | os.PathLike) -> None:
@@ -221,9 +347,13 @@ class StreamingWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}.", dir=self.path.parent)
         self.tmp = Path(tmp)
         self.file = os.fdopen(fd, "w+b")
-        self.file.write(len(raw).to_bytes(8, "little") + raw)
-        self.data_start = 8 + len(raw)
-        self.file.truncate(self.data_start + offset)
+        try:
+            self.file.write(len(raw).to_bytes(8, "little") + raw)
+            self.data_start = 8 + len(raw)
+            self.file.truncate(self.data_start + offset)
+        except BaseException:  # a full disk (or a file-size limit) before the first slice: no file is left
+            self.abort()
+            raise
 
     def write(self, name: str, start: int, values: torch.Tensor) -> None:
         """Store ``values`` as rows ``start : start + len(values)`` of tensor ``name``."""
@@ -242,8 +372,12 @@ class StreamingWriter:
         return self.path
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.file.close()  # flushing may fail again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "StreamingWriter":
         return self

@@ -21,14 +21,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from ddguide import artifacts
-from ddguide.data import labelled_images, load_images, to_tensor
+from ddguide.data import labelled_images, load_images, open_image, to_tensor
 from ddguide.errors import UserError
 from ddguide.models import autocast, resolve_device
 from ddguide.resnet import ARCHITECTURES, ResNet, build
-from ddguide.train import _restore, _save_checkpoint, _State, checkpoint_path
+from ddguide.train import _restore, _save_checkpoint, _State, check_finite_loss, checkpoint_path
 
 Progress = Callable[[int, int, str], None]
 STEMS = ("auto", "small", "imagenet")
@@ -120,11 +119,7 @@ def match_classes(train: list[tuple[list[int], list[str]]], test_names: list[str
 
 def image_side(path: Path) -> int:
     """The side of a square image (the test set fixes the classifier's input size)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+    w, h = open_image(path).size  # the size limit applies before the side is trusted
     if w != h:
         raise UserError(f"{path}: test image is {w}x{h}, not square; pass --image-size (and --resize)")
     return w
@@ -263,6 +258,7 @@ def cas(cfg: CasConfig, progress: Progress | None = None) -> CasResult:
             loss = lam * F.cross_entropy(logits, y)
             if perm is not None:
                 loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm.to(device)])
+            check_finite_loss(loss, state.step + 1, learning_rate(cfg, state.step))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

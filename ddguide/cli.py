@@ -53,8 +53,36 @@ def _root(version: Annotated[bool, typer.Option(
 ) -> None:
     pass  # no docstring: the app's help is the Typer's
 
-console = Console(stderr=True)
-out_console = Console()
+_UNSAFE = None
+
+
+def safe_text(text: str, *, newlines: bool = True) -> str:
+    """``text`` with control characters (terminal escapes included), undecodable bytes of file names and bidi
+    overrides written as visible escapes (``\\x1b``), so a name read from a file cannot drive the terminal."""
+    global _UNSAFE
+    if _UNSAFE is None:
+        import re
+
+        _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+    def escape(m: Any) -> str:
+        o = ord(m.group())
+        return f"\\x{o - 0xdc00:02x}" if 0xdc80 <= o <= 0xdcff else (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+
+    text = _UNSAFE.sub(escape, text)
+    return text if newlines else text.replace("\n", "\\n").replace("\t", " ")
+
+
+class _SafeConsole(Console):
+    """Markup is off unless a call asks for it, and every string is shown through :func:`safe_text`: paths and
+    names from files are printed as they are, never interpreted."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        return super().render_str(safe_text(text), **kwargs)
+
+
+console = _SafeConsole(stderr=True, markup=False)
+out_console = _SafeConsole(markup=False)
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[str, typer.Option(help=(
@@ -103,6 +131,10 @@ def _jsonable(value: Any) -> Any:
 def _emit_json(command: str, ok: bool, **fields: Any) -> None:
     """The one stdout line of a ``--json`` run (written directly: rich would wrap or colour it)."""
     line = json.dumps(_jsonable({"ok": ok, "command": command, **fields}), ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8: escaped, still valid JSON
+        line = json.dumps(_jsonable({"ok": ok, "command": command, **fields}))
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -111,9 +143,11 @@ def _fail(message: str, markup: str, code: int, *, command: str, as_json: bool) 
     """Print the one error line (``markup`` colours its first word) and, with --json, its JSON twin on stdout."""
     from rich.markup import escape
 
+    message = safe_text(message, newlines=False)  # one line, whatever a file name holds
     word, _, rest = message.partition(" ")
     console.quiet = False  # --quiet keeps errors
-    console.print(f"[{markup}]{escape(word)}[/{markup}] {escape(rest)}".rstrip(), highlight=False, soft_wrap=True)
+    console.print(f"[{markup}]{escape(word)}[/{markup}] {escape(rest)}".rstrip(), highlight=False, soft_wrap=True,
+                  markup=True)
     if as_json:
         _emit_json(command, False, error=message)
     return typer.Exit(code)
@@ -136,7 +170,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         run = _run = _Run(" ".join(path), ddguide_json, ddguide_quiet)
         out_console.stderr, out_console.quiet, console.quiet = run.json, run.quiet, run.quiet
         try:
-            fn(*args, **kwargs)
+            _check_options(ddguide_ctx, kwargs)
+            with _output_guards(run.command, kwargs):
+                fn(*args, **kwargs)
             if run.json and int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
                 _emit_json(run.command, True, **run.figures)
         except UserError as e:
@@ -165,6 +201,38 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__signature__ = inspect.signature(fn).replace(parameters=params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {**fn.__annotations__, **extra}
     return wrapper
+
+
+# the output of each command: (parameter, is a folder); checked, locked and cleaned before the command runs
+_OUTPUTS = {"convert": ("out", False), "sample": ("out", True), "train": ("out", False), "data shapes": ("out", True),
+            "extract": ("out", False), "train-head": ("out", False), "demo": ("out", True), "filter": ("out", True),
+            "fid": ("save_stats", False), "finetune": ("out", False), "cas": ("out", False)}
+
+
+def _check_options(ctx: Any, values: dict[str, Any]) -> None:
+    """Numeric options: finite and in range (ddguide.options), named as the user spelt them."""
+    from ddguide.options import check_options
+
+    params = getattr(getattr(ctx, "command", None), "params", [])
+    check_options(values, {p.name: max(p.opts, key=len) for p in params if getattr(p, "opts", None)})
+
+
+def _output_guards(command: str, values: dict[str, Any]) -> Any:
+    """The command's output path checked before it runs; in a single process also locked against a second
+    writer, with the temporaries of killed runs removed (ddguide.outputs.guard)."""
+    import contextlib
+
+    from ddguide import outputs
+
+    stack = contextlib.ExitStack()
+    name, folder = _OUTPUTS.get(command, (None, False))
+    path = values.get(name) if name else None
+    if path is not None:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun ranks share the output: each only checks it
+            outputs.check_output(path, folder=folder)
+        else:
+            stack.enter_context(outputs.guard(path, folder=folder))
+    return stack
 
 
 def _progress_seconds() -> float:
@@ -556,7 +624,9 @@ def train_head(
     head = load_head(path)
     warning = chance_warning(head.cfg.metrics)
     if warning:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True, markup=True)
     metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.cfg.metrics.items())
     out_console.print(f"wrote {path} ({metrics}; temperature {head.cfg.temperature:.2f})")
     report(out=path, kind=head.cfg.kind, metrics=head.cfg.metrics, temperature=head.cfg.temperature)
@@ -641,9 +711,7 @@ def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) ->
     """Say what an artifact is and where it came from."""
     from ddguide import artifacts
 
-    meta = artifacts.read_metadata(file)
-    if "ddguide.kind" not in meta:
-        raise UserError(f"{file}: a safetensors file but not a ddguide artifact")
+    meta, config = artifacts.describe(file)
     table = Table(show_header=False, box=None)
     table.add_row("file", str(file))
     for key in ("kind", "schema", "version", "fingerprint"):
@@ -652,8 +720,7 @@ def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) ->
         if key.startswith("ddguide.") and key[8:] not in ("kind", "schema", "version", "fingerprint", "config"):
             table.add_row(key[8:], value)
     out_console.print(table)
-    config = json.loads(meta.get("ddguide.config", "{}"))
-    out_console.print_json(json.dumps(config))
+    out_console.print_json(json.dumps(config))  # json.dumps escapes control characters
     report(file=file, **{key: meta.get(f"ddguide.{key}", "") for key in ("kind", "schema", "version", "fingerprint")},
            config=config)
 

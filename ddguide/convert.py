@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ddguide import artifacts
 from ddguide.diffusion import DiffusionConfig
 from ddguide.errors import UserError
 from ddguide.models import Model, save_model
@@ -39,12 +41,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        artifacts.read_header(path)  # the header type-checked first
         try:
-            return load_file(str(path))
+            sd = load_file(str(path))
         except Exception as e:  # safetensors raises several types for a bad header
-            raise UserError(f"{path}: unreadable safetensors file ({e})") from None
+            raise UserError(f"{path}: unreadable safetensors file ({str(e)[:160]})") from None
+        artifacts.check_finite(path, sd)
+        return sd
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line, ours
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise UserError(f"{path}: refused to load: the file holds more than plain tensors ({first[:160]})") from None
@@ -54,7 +61,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: expected a state_dict (name -> tensor)")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    artifacts.check_finite(path, sd)
+    return sd
 
 
 def shapes_of(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:

@@ -31,6 +31,47 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+MAX_PIXELS = 2**26  # 8192 x 8192: larger images are refused before they are decoded
+
+
+def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
+    """A decoded image, refused in one line when unreadable or larger than :data:`MAX_PIXELS` (checked from the
+    header, before decoding: a few-KB PNG may claim 20000 x 20000 pixels)."""
+    import warnings
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UserError(f"{path}: {what} is {w}x{h}, more than the {MAX_PIXELS:,} pixels ddguide reads")
+            im.load()
+            return im.copy() if im.mode not in ("P", "PA") else im.convert("RGBA" if "transparency" in im.info
+                                                                           or im.mode == "PA" else "RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path}: {what} is larger than the {MAX_PIXELS:,} pixels ddguide reads") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        raise UserError(f"{path}: not a readable {what} ({e.__class__.__name__})") from None
+
+
+def to_rgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """8-bit RGB from any mode PIL decodes: 16-bit grey is scaled (not clipped) to 8 bits, float images are refused."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UserError(f"{path}: {im.mode} image values outside 0..65535 (convert it to 8-bit RGB)")
+        im = Image.fromarray((a >> 8).astype(np.uint8), "L")
+    elif im.mode == "F":
+        raise UserError(f"{path}: a floating-point image (convert it to 8-bit RGB)")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: image mode {im.mode} cannot be read as RGB ({e.__class__.__name__})") from None
+
+
 def load_image(path: str | os.PathLike, size: int | None = None, resize: str = "refuse") -> np.ndarray:
     """An RGB image as uint8 (H, W, 3).
 
@@ -38,12 +79,7 @@ def load_image(path: str | os.PathLike, size: int | None = None, resize: str = "
     ``'resize'`` resizes with bicubic filtering (``'center-crop'`` crops to a square first).
     """
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+    im = to_rgb(open_image(path), path)
     if size is not None and im.size != (size, size):
         if resize == "refuse":
             raise UserError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected {size}x{size} "
@@ -94,11 +130,14 @@ def read_attribute_table(path: str | os.PathLike) -> tuple[list[str], dict[str, 
     values: dict[str, list[int]] = {}
     for row in rows:
         if len(row) != len(names) + 1:
-            raise UserError(f"{path}: row {row[0]!r} has {len(row) - 1} values for {len(names)} attributes")
-        try:
-            values[row[0].strip()] = [1 if int(v) > 0 else 0 for v in row[1:]]
-        except ValueError:
-            raise UserError(f"{path}: row {row[0]!r} holds a value that is not 0/1 or -1/1") from None
+            raise UserError(f"{path}: row {row[0][:80]!r} has {len(row) - 1} values for {len(names)} attributes")
+        cells = [v.strip() for v in row[1:]]
+        if any(v not in ("0", "1", "-1", "+1") for v in cells):
+            bad = next(v for v in cells if v not in ("0", "1", "-1", "+1"))
+            raise UserError(f"{path}: row {row[0][:80]!r} holds {bad[:20]!r}; binary labels are 0/1 or -1/1")
+        values[row[0].strip()] = [1 if v in ("1", "+1") else 0 for v in cells]
+    if not values:
+        raise UserError(f"{path}: holds no labels")
     return names, values
 
 
@@ -123,17 +162,27 @@ def attribute_labels(files: list[Path], root: str | os.PathLike, table: str | os
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask of class ids (H, W) from a PNG (palette or grey values are ids) or a ``.npy`` array."""
     path = Path(path)
-    try:
-        if path.suffix == ".npy":
-            mask = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as im:
-                mask = np.asarray(im if im.mode in ("L", "P", "I", "I;16") else im.convert("L"))
-    except (OSError, ValueError, UnidentifiedImageError) as e:
-        raise UserError(f"{path}: not a readable mask ({e.__class__.__name__})") from None
+    if path.suffix == ".npy":
+        try:  # memory-mapped first: the header's shape and dtype are checked before anything is read
+            mask = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(f"{path}: not a readable mask ({e.__class__.__name__})") from None
+    else:
+        im = open_image(path, "mask")
+        mask = np.asarray(im if im.mode in ("L", "P", "I", "I;16", "1") else im.convert("L"))
     if mask.ndim != 2:
         raise UserError(f"{path}: a mask must be 2-D class ids, got shape {mask.shape}")
-    return mask.astype(np.int64)
+    if mask.size > MAX_PIXELS:
+        raise UserError(f"{path}: mask has more than {MAX_PIXELS:,} pixels")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        values = np.asarray(mask)
+        if not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all() \
+                or (values != np.round(values)).any():
+            raise UserError(f"{path}: mask values must be whole class ids (found {mask.dtype} values)")
+    mask = np.array(mask, dtype=np.int64)
+    if mask.size and mask.min() < 0:
+        raise UserError(f"{path}: mask ids must be >= 0 (found {int(mask.min())})")
+    return mask
 
 
 def paired_masks(files: list[Path], mask_dir: str | os.PathLike, size: int | None = None) -> torch.Tensor:
@@ -151,6 +200,19 @@ def paired_masks(files: list[Path], mask_dir: str | os.PathLike, size: int | Non
             raise UserError(f"{by_stem[f.stem]}: mask is {m.shape[1]}x{m.shape[0]}, the images are {size}x{size}")
         masks.append(m)
     return torch.from_numpy(np.stack(masks))
+
+
+def inside(root: str | os.PathLike, name: str, source: str | os.PathLike) -> Path:
+    """``root / name`` for a path read from a file (an index or annotation ``source``), refused in one line
+    unless it is relative and stays inside ``root`` (links resolved)."""
+    root = Path(root)
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise UserError(f"{source}: names {name[:120]!r}, which is not a path inside {root}")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"{source}: names {name[:120]!r}, which leads outside {root}")
+    return path
 
 
 def _relative(path: Path, root: str | os.PathLike) -> str:
@@ -236,7 +298,7 @@ def _tiny_imagenet_val(val: Path, class_names: list[str] | None) -> Labelled:
     unknown = sorted({r[1] for r in rows} - set(names))
     if unknown:
         raise UserError(f"{annotations}: classes not in wnids.txt: {', '.join(unknown[:5])}")
-    files = [val / "images" / r[0] for r in rows]
+    files = [inside(val / "images", r[0], annotations) for r in rows]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise UserError(f"{annotations}: lists {len(missing)} missing file(s), e.g. {missing[0]}")
@@ -265,7 +327,7 @@ def indexed_images(root: str | os.PathLike) -> Labelled:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"file", "class"} <= set(reader.fieldnames):
                 raise UserError(f"{index}: needs 'file' and 'class' columns")
-            rows = [(root / row["file"], row["class"]) for row in reader if row.get("file")]
+            rows = [(inside(root, row["file"], index), row["class"]) for row in reader if row.get("file")]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{index}: unreadable index ({e.__class__.__name__})") from None
     if not rows:

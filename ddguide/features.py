@@ -11,6 +11,7 @@ batched pass and the pass stops after the deepest tapped block.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,7 +51,10 @@ class FeatureSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+    def from_dict(cls, d: dict[str, Any], where: str = "feature spec") -> "FeatureSpec":
+        artifacts.check_fields(cls, d, where)
+        if not d["blocks"] or not d["timesteps"] or any(t < 0 for t in d["timesteps"]):
+            raise UserError(f"{where}: needs blocks and non-negative timesteps")
         return cls(tuple(d["blocks"]), tuple(int(t) for t in d["timesteps"]), d.get("noise", "none"),
                    int(d.get("seed", 0)))
 
@@ -104,7 +108,7 @@ def image_list_hash(files: Sequence[Path], root: str | Path) -> str:
     """Hash of the relative paths and sizes of the images, so a head can tell which data it saw."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}\n".encode())
+        h.update(os.fsencode(f.relative_to(root).as_posix()) + f":{f.stat().st_size}\n".encode())  # any name
     return h.hexdigest()[:16]
 
 
@@ -210,11 +214,32 @@ class Features:
 
 def load_features(path: str | Path) -> Features:
     art = artifacts.load(path, "features")
-    spec = FeatureSpec.from_dict(art.config["spec"])
+    check_features(art)
+    spec = FeatureSpec.from_dict(art.config["spec"], where=f"{path}: feature spec")
     taps = {k: v.float() for k, v in art.tensors.items() if k.startswith("feat.")}
-    for key, value in taps.items():
-        if not torch.isfinite(value).all():
-            raise UserError(f"{path}: features {key} hold NaN or infinite values")
     return Features(spec, taps, art.tensors["images"], art.tensors.get("labels"),
                     art.tensors["masks"].long() if "masks" in art.tensors else None, art.config,
                     art.fingerprint, Path(path))
+
+
+def check_features(art: artifacts.Artifact) -> None:
+    """A features artifact's contract: its spec and image size, every tap of the spec, one row per image in
+    every tensor, uint8 (N, H, W, 3) images, labels and mask ids that are whole numbers >= 0."""
+    path, cfg, t = art.path, art.config, art.tensors
+    if not isinstance(cfg.get("spec"), dict) or not isinstance(cfg.get("image_size"), int):
+        raise UserError(f"{path}: features config without its spec or image_size")
+    spec = FeatureSpec.from_dict(cfg["spec"], where=f"{path}: feature spec")
+    images = t.get("images")
+    size = cfg["image_size"]
+    if images is None or images.dtype != torch.uint8 or tuple(images.shape[1:]) != (size, size, 3):
+        raise UserError(f"{path}: features artifact without uint8 images of {size}x{size}")
+    n = len(images)
+    missing = [k for k in spec.keys() if k not in t]
+    if missing:
+        raise UserError(f"{path}: lacks the taps {', '.join(missing[:3])} its spec names")
+    for key, value in t.items():
+        if value.ndim == 0 or len(value) != n:
+            raise UserError(f"{path}: tensor {key} has {len(value) if value.ndim else 0} rows for {n} images")
+    for key in ("labels", "masks"):
+        if key in t and (t[key].is_floating_point() or (t[key].numel() and int(t[key].min()) < 0)):
+            raise UserError(f"{path}: {key} must be whole numbers >= 0")

@@ -19,13 +19,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ddguide.data import load_image, to_tensor, to_uint8
+from ddguide.data import inside, load_image, to_tensor, to_uint8
 from ddguide.errors import UserError
 from ddguide.features import compute
-from ddguide.generate import SampleConfig, draw, read_index, timesteps_for, write_grid, write_index, write_png
+from ddguide.generate import (SampleConfig, check_finite_images, draw, read_index, timesteps_for, write_grid,
+                              write_index, write_png)
 from ddguide.guidance import class_labels, classifier_free, conditional
 from ddguide.heads import Head, check_compatible, load_head
-from ddguide.models import Model, all_gather, barrier, is_main_process, load_model, resolve_device, shard_bounds
+from ddguide.models import (Model, all_gather, barrier, is_main_process, load_model, process_shard, resolve_device,
+                            shard_bounds)
+from ddguide.outputs import samples_folder, staged_folder
 
 Progress = Callable[[int, int], None]
 
@@ -94,6 +97,10 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
     rows = read_index(folder)
     if not rows or "class" not in rows[0]:
         raise UserError(f"{folder / 'index.csv'}: needs a 'class' column (samples from `sample --class`)")
+    files = [inside(folder, r.get("file") or "", folder / "index.csv") for r in rows]  # never outside the folder
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{folder / 'index.csv'}: lists {len(missing)} missing file(s), e.g. {missing[0]}")
     device = resolve_device(cfg.device)
     rejector = Rejector.load(cfg.head, cfg.model, device)
     targets = [rejector.class_index(r["class"]) for r in rows]
@@ -103,9 +110,10 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
     probs: list[float] = []
     for start in range(lo, hi, cfg.batch):
         chunk = rows[start:min(start + cfg.batch, hi)]
-        images = np.stack([load_image(folder / r["file"]) for r in chunk])
+        images = np.stack([load_image(f) for f in files[start:start + len(chunk)]])
         probs += rejector.probabilities(images, targets[start:start + len(chunk)],
-                                        [int(r.get("index", start + i)) for i, r in enumerate(chunk)]).tolist()
+                                        [int(r["index"]) if str(r.get("index", "")).isdigit() else start + i
+                                         for i, r in enumerate(chunk)]).tolist()
         if progress:
             progress(start - lo + len(chunk), hi - lo)
     probs = [p for part in all_gather(probs, device) for p in part]
@@ -113,15 +121,18 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
     keep = [r | {"reject_prob": round(p, 4)} for r, p in zip(rows, probs) if p >= cfg.threshold]
     if not keep:
         raise UserError(f"no sample reaches p >= {cfg.threshold}; nothing written (highest p {max(probs):.3f})")
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(lo, hi):  # each rank copies the accepted images of its own slice
-        if probs[i] >= cfg.threshold:
-            shutil.copyfile(folder / rows[i]["file"], out / rows[i]["file"])
-    barrier(device)
-    if is_main_process():
-        write_index(out, keep)
-        write_grid(out / "grid.png", [load_image(out / r["file"]) for r in keep[:64]])
-    barrier(device)  # every rank returns once the index exists
+    world = process_shard()[1]
+    with staged_folder(out, "output", in_place=world > 1) as stage:
+        for i in range(lo, hi):  # each rank copies the accepted images of its own slice
+            if probs[i] >= cfg.threshold:
+                target = stage / files[i].relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(files[i], target)
+        barrier(device)
+        if is_main_process():
+            write_index(stage, keep)
+            write_grid(stage / "grid.png", [load_image(stage / r["file"]) for r in keep[:64]])
+        barrier(device)  # every rank returns once the index exists
     per_class: dict[str, tuple[int, int]] = {}
     for r, p in zip(rows, probs):
         kept, seen = per_class.get(r["class"], (0, 0))
@@ -160,8 +171,13 @@ def sample_with_rejection(cfg: SampleConfig, rs: RejectionSampling, progress: Pr
     label_of = {c: int(class_labels(model, [c], [0])[0]) for c in wanted}
     target_of = {c: rejector.class_index(names[label_of[c]]) for c in wanted}
     steps = timesteps_for(model, cfg.steps, cfg.sampler)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(cfg.out, "samples", own=samples_folder) as out:
+        return _draw_until_accepted(cfg, rs, model, rejector, wanted, label_of, target_of, steps, out, progress)
+
+
+def _draw_until_accepted(cfg: SampleConfig, rs: RejectionSampling, model: Model, rejector: Rejector,
+                         wanted: list[str], label_of: dict, target_of: dict, steps: list[int], out: Path,
+                         progress: Progress | None) -> FilterResult:
     accepted: dict[str, int] = {c: 0 for c in wanted}
     seen: dict[str, int] = {c: 0 for c in wanted}
     rows, next_index = [], cfg.start
@@ -177,7 +193,9 @@ def sample_with_rejection(cfg: SampleConfig, rs: RejectionSampling, progress: Pr
         labels = torch.tensor([label_of[c] for c in batch])
         denoiser = (classifier_free(model, labels, rs.cfg_scale, cfg.precision) if rs.cfg_scale
                     else conditional(model, labels, cfg.precision))
-        images = to_uint8(draw(model, denoiser, indices, cfg.seed, steps, cfg.sampler, cfg.eta))
+        x = draw(model, denoiser, indices, cfg.seed, steps, cfg.sampler, cfg.eta)
+        check_finite_images(x, indices)
+        images = to_uint8(x)
         probs = rejector.probabilities(images, [target_of[c] for c in batch], indices)
         for k, c, image, p in zip(indices, batch, images, probs.tolist()):
             seen[c] += 1

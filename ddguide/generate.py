@@ -23,6 +23,7 @@ from ddguide.data import to_uint8
 from ddguide.diffusion import space_timesteps
 from ddguide.errors import UserError
 from ddguide.models import Model, autocast, load_model, process_shard, resolve_device
+from ddguide.outputs import samples_folder, staged_folder
 from ddguide.sampling import Denoiser, image_generators, per_image_randn, sample_ddim, sample_ddpm
 
 INDEX = "index.csv"
@@ -50,6 +51,19 @@ class SampleConfig:
             raise UserError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"--eta must be in [0, 1], got {self.eta}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r} ({', '.join(PRECISIONS)})")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_finite_images(x: torch.Tensor, indices: Sequence[int]) -> None:
+    """A sampling step that gave NaN or inf stops the run (before any of its images is written)."""
+    if not bool(torch.isfinite(x).all()):
+        raise UserError(f"sampling gave NaN or infinite values (images {indices[0]}..{indices[-1]}): the guidance "
+                        "scale (--lambda, --cfg or a --guide weight) is likely too large, or the model's or a head's "
+                        "weights are broken; no image was written")
 
 
 def timesteps_for(model: Model, steps: int, sampler: str) -> list[int]:
@@ -143,30 +157,32 @@ def generate(cfg: SampleConfig, plan: Plan | None = None,
     if plan.check:
         plan.check(model)
     steps = timesteps_for(model, cfg.steps, cfg.sampler)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     rank, world = process_shard()
     mine = list(range(cfg.start, cfg.start + cfg.n))[rank::world]  # image k is the same on any shard
     rows, kept = [], []
     total = len(mine) * len(steps)
-    for first in range(0, len(mine), cfg.batch):
-        indices = mine[first:first + cfg.batch]
-        cb = (lambda i, _k, d=first * len(steps), b=len(indices): progress(d + i * b, total)) if progress else None
-        x = draw(model, plan.denoiser_for(model, indices), indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
-        extra = plan.row_info(model, x, indices) if plan.row_info else [{} for _ in indices]
-        for k, image, more in zip(indices, to_uint8(x), extra):
-            name = f"{k:06d}.png"
-            write_png(out / name, image)
-            rows.append({"file": name, "index": k, "seed": cfg.seed + k, **more})
-            if len(kept) < 64:
-                kept.append(image)
-    if world == 1:
-        write_index(out, rows)
-        write_grid(out / "grid.png", kept)
-    else:
-        write_index(out, rows, name=f"index.part{rank}of{world}.csv")
-        merge_shards(out, world)
-    return out
+    # staged: the folder appears (or replaces an earlier samples folder) only once every image and the index are
+    # written; torchrun shards write in place and the last one to finish joins the index
+    with staged_folder(cfg.out, "samples", own=samples_folder, in_place=world > 1) as out:
+        for first in range(0, len(mine), cfg.batch):
+            indices = mine[first:first + cfg.batch]
+            cb = (lambda i, _k, d=first * len(steps), b=len(indices): progress(d + i * b, total)) if progress else None
+            x = draw(model, plan.denoiser_for(model, indices), indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
+            check_finite_images(x, indices)
+            extra = plan.row_info(model, x, indices) if plan.row_info else [{} for _ in indices]
+            for k, image, more in zip(indices, to_uint8(x), extra):
+                name = f"{k:06d}.png"
+                write_png(out / name, image)
+                rows.append({"file": name, "index": k, "seed": cfg.seed + k, **more})
+                if len(kept) < 64:
+                    kept.append(image)
+        if world == 1:
+            write_index(out, rows)
+            write_grid(out / "grid.png", kept)
+        else:
+            write_index(out, rows, name=f"index.part{rank}of{world}.csv")
+            merge_shards(out, world)
+    return Path(cfg.out)
 
 
 def merge_shards(out: Path, world: int) -> bool:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -227,6 +228,8 @@ def parse_guide(text: str) -> tuple[str, float, str | None]:
         weight = float(weight_text) if weight_text else 1.0
     except ValueError:
         raise UserError(f"--guide {text!r}: the weight after ':' must be a number") from None
+    if not math.isfinite(weight):
+        raise UserError(f"--guide {text!r}: the weight after ':' must be a finite number")
     return path, weight, target or None
 
 
@@ -237,8 +240,8 @@ def head_sampling(guides: Sequence[str], target: str | None, mask: str | None, l
     from ddguide.heads import check_compatible, load_head
 
     if not guides:
-        if target is not None or mask is not None:
-            raise UserError("--target and --mask need at least one --guide HEAD")
+        if target is not None or mask is not None or window is not None:
+            raise UserError("--target, --mask and --guide-window need at least one --guide HEAD")
         return None
     if lam < 0:
         raise UserError(f"--lambda must be >= 0, got {lam}")

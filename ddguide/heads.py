@@ -185,9 +185,31 @@ def save_head(path: str | Path, head: Head) -> Path:
 
 def load_head(path: str | Path, device: str | torch.device = "cpu") -> Head:
     art = artifacts.load(path, "head")
-    head = Head(HeadConfig(**art.config), art.fingerprint, Path(path))
+    cfg = head_config(art.config, path)
+    with torch.device("meta"):  # the shapes its config implies, checked against the file before anything is built
+        expected = {k: tuple(v.shape) for k, v in Head(cfg, art.fingerprint).net.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in art.tensors.items()} != expected:
+        raise UserError(f"{path}: weights do not fit the head its own config describes "
+                        f"({cfg.kind}, {cfg.in_channels} input channels, {len(cfg.classes)} classes)")
+    head = Head(cfg, art.fingerprint, Path(path))
     head.net.load_state_dict(art.tensors)
     return head.to(device).eval().requires_grad_(False)
+
+
+def head_config(config: dict[str, Any], path: str | Path) -> HeadConfig:
+    """A head artifact's config, type- and range-checked (kind, classes, channels, size, temperature, spec)."""
+    artifacts.check_fields(HeadConfig, config, f"{path}: head config")
+    cfg = HeadConfig(**config)
+    if cfg.kind not in KINDS:
+        raise UserError(f"{path}: unknown head kind {cfg.kind!r}")
+    if not 1 <= len(cfg.classes) <= 100_000 or not 1 <= cfg.in_channels <= 1 << 16 or not 1 <= cfg.image_size <= 4096:
+        raise UserError(f"{path}: head config out of range (classes {len(cfg.classes)}, in_channels "
+                        f"{cfg.in_channels}, image_size {cfg.image_size})")
+    if not cfg.temperature > 0:
+        raise UserError(f"{path}: head temperature must be > 0, found {cfg.temperature}")
+    if cfg.spec is not None:
+        FeatureSpec.from_dict(cfg.spec, where=f"{path}: feature spec")
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -346,6 +368,9 @@ def fit(net: nn.Module, batch_inputs: Callable[[torch.Tensor], torch.Tensor], y:
     for step in range(steps):
         idx = train_idx[torch.randint(0, len(train_idx), (min(batch, len(train_idx)),), generator=gen)]
         loss = F.cross_entropy(net(batch_inputs(idx)), y[idx])
+        if not torch.isfinite(loss):
+            raise UserError(f"the head's loss is {float(loss)} at step {step + 1}: the learning rate (--lr {lr:g}) "
+                            "is likely too high, or the features are broken; no head was written")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

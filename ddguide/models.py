@@ -88,14 +88,81 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
 
 def model_from_artifact(art: artifacts.Artifact) -> Model:
     cfg = dict(art.config)
-    net = UNetModel(UNetConfig.from_dict(cfg.pop("unet")))
-    diffusion = DiffusionConfig.from_dict(cfg.pop("diffusion"))
+    unet_cfg, diffusion = model_config(art.config, art.path)
+    check_tensors_fit(unet_cfg, art.tensors, art.path)  # before any network is built
+    cfg.pop("unet"), cfg.pop("diffusion")
     classes = cfg.pop("classes", None)
-    missing, unexpected = net.load_state_dict(art.tensors, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{art.path}: weights do not fit the architecture in its own config "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    net = UNetModel(unet_cfg)
+    net.load_state_dict({k: v.float() for k, v in art.tensors.items()})
     return Model(net, diffusion, fingerprint=art.fingerprint, classes=classes, info=cfg)
+
+
+# architecture bounds a model config must keep to (published ADM models are far inside them)
+UNET_LIMITS = {"image_size": 4096, "in_channels": 64, "model_channels": 4096, "out_channels": 128,
+               "num_res_blocks": 32, "num_heads": 256, "num_head_channels": 4096, "num_heads_upsample": 256,
+               "norm_groups": 4096, "num_classes": 1_000_000}
+
+
+def model_config(config: dict[str, Any], path: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig]:
+    """The U-Net and diffusion sections of a model artifact's config, type- and range-checked."""
+    from dataclasses import fields
+
+    for section in ("unet", "diffusion"):
+        if not isinstance(config.get(section), dict):
+            raise UserError(f"{path}: a model config without its {section!r} section")
+    if config.get("classes") is not None and not (isinstance(config["classes"], list)
+                                                   and all(isinstance(c, str) for c in config["classes"])):
+        raise UserError(f"{path}: the model config's classes should be a list of names")
+    unet = artifacts.check_fields(UNetConfig, config["unet"], f"{path}: U-Net config")
+    for name, limit in UNET_LIMITS.items():
+        value = unet.get(name)
+        if isinstance(value, int) and not (value >= 1 or (value == -1 and name.startswith("num_head"))):
+            raise UserError(f"{path}: U-Net config {name} must be >= 1, found {value}")
+        if isinstance(value, int) and value > limit:
+            raise UserError(f"{path}: U-Net config {name} {value} is beyond ddguide's limit of {limit}")
+    mult, attn = unet.get("channel_mult", [1]), unet.get("attention_resolutions", [])
+    if not 1 <= len(mult) <= 8 or any(not 0 < m <= 64 for m in mult) or len(attn) > 16:
+        raise UserError(f"{path}: U-Net config channel_mult or attention_resolutions out of range")
+    artifacts.check_fields(DiffusionConfig, config["diffusion"], f"{path}: diffusion config")
+    if not 1 <= config["diffusion"].get("steps", 1) <= 100_000:
+        raise UserError(f"{path}: diffusion steps must be in 1..100000")
+    return UNetConfig.from_dict(unet), DiffusionConfig.from_dict(config["diffusion"])
+
+
+def config_shapes(cfg: UNetConfig, path: str | os.PathLike = "the config") -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the network a config builds, on the meta device (no memory is allocated)."""
+    try:
+        with torch.device("meta"):
+            net = UNetModel(cfg)
+    except (UserError, ValueError, TypeError, ZeroDivisionError, RuntimeError, AssertionError, KeyError) as e:
+        raise UserError(f"{path}: its U-Net config does not build a network ({str(e)[:120]})") from None
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def check_tensors_fit(cfg: UNetConfig, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """The file's tensors must be exactly the network its config describes (names, shapes, floating dtypes):
+    so the parameter count a config implies is the one the file holds, checked before anything is built."""
+    expected = config_shapes(cfg, path)
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        shaped = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        n_expected = sum(_numel(s) for s in expected.values())
+        n_found = sum(_numel(s) for s in found.values())
+        raise UserError(f"{path}: weights do not fit the architecture in its own config ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(shaped)} mis-shaped tensors; the config implies "
+                        f"{n_expected:,} parameters, the file holds {n_found:,})")
+    wrong = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if wrong:
+        raise UserError(f"{path}: tensor {wrong[0]} is {tensors[wrong[0]].dtype}, expected floating-point weights")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def process_shard() -> tuple[int, int]:

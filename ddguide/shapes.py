@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ddguide.artifacts import atomic_write, atomic_write_text
+from ddguide.outputs import staged_folder
 from ddguide.errors import UserError
 
 GENERATOR_VERSION = 1
@@ -118,8 +119,10 @@ def check_config(cfg: ShapesConfig) -> None:
     """Refuse arguments that cannot make a dataset, with a line that says what is allowed."""
     if cfg.n < 1:
         raise UserError(f"--num-images must be at least 1 (got {cfg.n})")
-    if cfg.size < 16 or cfg.size % 8:
-        raise UserError(f"--size must be a multiple of 8 and at least 16 (got {cfg.size})")
+    if cfg.size < 16 or cfg.size % 8 or cfg.size > 4096:
+        raise UserError(f"--size must be a multiple of 8 in 16..4096 (got {cfg.size})")
+    if cfg.n > 10**8:
+        raise UserError(f"--num-images must be at most 100000000 (got {cfg.n})")
     if cfg.split not in SPLITS:
         raise UserError(f"unknown split {cfg.split!r} (choose from {', '.join(SPLITS)})")
     if cfg.seed < 0:
@@ -286,22 +289,27 @@ def generate(out: Path, cfg: ShapesConfig, progress: Callable[[int, int], None] 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not an empty folder; choose a new output folder")
     width = max(6, len(str(cfg.n - 1)))
-    with _csv_table(out / "index.csv", ["file", "class", "class_id", "seed", "split", "index", "objects",
-                                         "background"]) as index_rows, \
-            _csv_table(out / "attributes.csv", ["file", *ATTRIBUTES]) as attribute_rows:
-        for i in range(cfg.n):
-            image, mask, scene = sample(cfg, i)
-            stem = f"{cfg.split}_{i:0{width}d}"
-            cls = scene_class(scene)
-            file = f"images/{CLASS_NAMES[cls]}/{stem}.png"
-            _write_png(out / file, image)
-            _write_png(out / "masks" / f"{stem}.png", mask)
-            index_rows.writerow([file, CLASS_NAMES[cls], cls, cfg.seed, cfg.split, i, len(scene.objects),
-                                 list(BACKGROUNDS)[scene.background]])
-            attribute_rows.writerow([file, *(int(v) for v in scene_attributes(scene, cfg.size).values())])
-            if progress is not None:
-                progress(i + 1, cfg.n)
-    atomic_write_text(out / "dataset.json", json.dumps(describe(cfg), indent=2) + "\n")
+    # staged in a hidden sibling that a rerun of the same command resumes (images already there are complete:
+    # each is written atomically); the folder appears under its name only once dataset.json is written
+    with staged_folder(out, "dataset", resume=json.dumps(asdict(cfg), sort_keys=True)) as stage:
+        with _csv_table(stage / "index.csv", ["file", "class", "class_id", "seed", "split", "index", "objects",
+                                               "background"]) as index_rows, \
+                _csv_table(stage / "attributes.csv", ["file", *ATTRIBUTES]) as attribute_rows:
+            for i in range(cfg.n):
+                stem = f"{cfg.split}_{i:0{width}d}"
+                scene = sample_scene(cfg, i)
+                cls = scene_class(scene)
+                file = f"images/{CLASS_NAMES[cls]}/{stem}.png"
+                if not ((stage / file).is_file() and (stage / "masks" / f"{stem}.png").is_file()):
+                    image, mask = render(scene, cfg.size)
+                    _write_png(stage / file, image)
+                    _write_png(stage / "masks" / f"{stem}.png", mask)
+                index_rows.writerow([file, CLASS_NAMES[cls], cls, cfg.seed, cfg.split, i, len(scene.objects),
+                                     list(BACKGROUNDS)[scene.background]])
+                attribute_rows.writerow([file, *(int(v) for v in scene_attributes(scene, cfg.size).values())])
+                if progress is not None:
+                    progress(i + 1, cfg.n)
+        atomic_write_text(stage / "dataset.json", json.dumps(describe(cfg), indent=2) + "\n")
     return out
 
 

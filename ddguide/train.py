@@ -226,6 +226,7 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
             loss = (eps - noise).pow(2).mean()
         else:
             loss = (weights * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        check_finite_loss(loss, state.step + 1, recipe.lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP leaves every rank with the mean gradient
         torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
@@ -247,6 +248,15 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
                                                f"{recipe.batch / max(now - t_last, 1e-9):.0f} img/s")
             t_last = now
     return ema, state
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, lr: float) -> None:
+    """A step whose loss is NaN or inf stops the run before it updates anything (the last checkpoint stays, no
+    model is written), with the likely cause."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise UserError(f"the loss is {value} at step {step}: the learning rate (--lr {lr:g}) is likely too high, "
+                        "or the images or the starting weights are broken; nothing was written for this step")
 
 
 def cpp_compiler_found() -> bool:
@@ -322,6 +332,7 @@ def _restore(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _
         raise UserError(f"{path}: a checkpoint of a different training run "
                         f"({json.dumps(art.config.get('identity'))}); delete it or choose another --out")
     t = art.tensors
+    _check_checkpoint(art, net, ema)
     net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     for k in ema:
         ema[k].copy_(t[f"ema.{k}"])
@@ -336,6 +347,25 @@ def _restore(path: Path, key: Any, net, ema, opt, gen: torch.Generator, state: _
     if rng is not None:
         gen.set_state(rng)
     return rng is not None
+
+
+def _check_checkpoint(art: artifacts.Artifact, net: torch.nn.Module, ema: dict[str, torch.Tensor]) -> None:
+    """A checkpoint must hold the whole state it resumes: weights and EMA weights of this network's shapes, the
+    step reached, the loss history (one value per step) and the generator state."""
+    t, path = art.tensors, art.path
+    step = art.config.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"{path}: a checkpoint without the step it reached; delete it to start over")
+    for prefix, names in (("model.", net.state_dict()), ("ema.", ema)):
+        for k, v in names.items():
+            if f"{prefix}{k}" not in t or tuple(t[f"{prefix}{k}"].shape) != tuple(v.shape):
+                raise UserError(f"{path}: checkpoint lacks {prefix}{k} of this network's shape; delete it to "
+                                "start over or choose another --out")
+    losses = t.get("losses")
+    if losses is None or losses.ndim != 1 or len(losses) != step:
+        raise UserError(f"{path}: a checkpoint without its loss history ({step} steps); delete it to start over")
+    if "rng" not in t or t["rng"].dtype != torch.uint8:
+        raise UserError(f"{path}: a checkpoint without its generator state; delete it to start over")
 
 
 def write_loss_curve(path: Path, losses: list[float], width: int = 640, height: int = 320) -> None:
