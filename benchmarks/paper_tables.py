@@ -24,6 +24,7 @@ import torch
 
 from ddguide import oracles
 from ddguide.data import list_images, read_mask, to_tensor, to_uint8
+from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS, DEMO_LAMBDA
 from ddguide.features import ExtractConfig, FeatureSpec, compute, extract
 from ddguide.fid import DenoiserFeatures, compute_stats, frechet_distance
 from ddguide.generate import draw, plain_denoiser, timesteps_for
@@ -97,9 +98,10 @@ def sample(ws: Workspace, guide: Path | None, lam: float, grad: str, n: int, ste
 
 
 def table1(ws: Workspace, seeds: list[int], n: int, steps: int, lam: float, pixel_lam: float,
-           attributes: list[str]) -> None:
+           attributes: list[str], blocks: tuple[str, ...], timesteps: tuple[int, ...]) -> None:
     print(f"\nTable 1 analog: attributes, 50+50 labels, {n} samples per run, DDIM {steps} steps, "
-          f"lambda {lam} (pixel head {pixel_lam}); oracle share with the attribute (higher is better), FD")
+          f"lambda {lam} (pixel head {pixel_lam}), taps {' '.join(blocks)} @ {' '.join(map(str, timesteps))}; "
+          f"oracle share with the attribute (higher is better), FD")
     methods = ("unguided", "ours (full)", "ours (x0)", "DDIM-I (pixels)")
     print(f"{'attribute':<18}{'base':>6}  " + "".join(f"{m:>26}" for m in methods))
     for attribute in attributes:
@@ -110,7 +112,7 @@ def table1(ws: Workspace, seeds: list[int], n: int, steps: int, lam: float, pixe
             run = ws.root / f"t1-{attribute}-{seed}"
             folder, table = labelled(ws.pool(seed), attribute, 50, run / "labelled")
             feats = extract(ExtractConfig(data=str(folder), out=str(run / "f.safetensors"), model=ws.model_path,
-                                          blocks=ws.model.net.attribute_blocks(), timesteps=TIMESTEPS,
+                                          blocks=blocks, timesteps=timesteps,
                                           labels=str(table), label=attribute, device="cpu"))
             head = train_head(TrainHeadConfig(str(feats), str(run / "head.safetensors"), seed=seed))
             pixel = train_head(TrainHeadConfig(str(feats), str(run / "pixel.safetensors"), kind="pixel", seed=seed))
@@ -246,8 +248,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model artifact (default: the shipped model)")
     parser.add_argument("--n", type=int, default=16, help="samples per run (Table 1) / target masks (Table 2)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of Table 1")
-    parser.add_argument("--lam", type=float, default=10.0, help="lambda for attribute heads")
-    parser.add_argument("--pixel-lam", type=float, default=10.0, help="lambda for the DDIM-I pixel head")
+    parser.add_argument("--lam", type=float, default=DEMO_LAMBDA, help="lambda for attribute heads")
+    parser.add_argument("--pixel-lam", type=float, default=DEMO_LAMBDA, help="lambda for the DDIM-I pixel head")
+    parser.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS), help="taps of the Table 1 heads")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
     parser.add_argument("--mask-lam", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=16, help="batch of the cost measurement")
     parser.add_argument("--threads", type=int, default=None)
@@ -260,7 +264,8 @@ def main() -> None:
         if args.table in ("cost", "all"):
             cost(ws, args.batch)
         if args.table in ("1", "all"):
-            table1(ws, args.seeds, args.n, args.steps, args.lam, args.pixel_lam, args.attributes)
+            table1(ws, args.seeds, args.n, args.steps, args.lam, args.pixel_lam, args.attributes,
+                   tuple(args.blocks), tuple(args.timesteps))
         if args.table in ("2", "all"):
             table2(ws, args.seeds, min(args.n, 16), args.mask_lam, args.mask_lam)
 

@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--attributes", nargs="+", default=["has_circle", "has_red", "multiple_objects", "main_left"])
     ap.add_argument("--timesteps", nargs="+", type=int, default=[300, 800])
     ap.add_argument("--blocks", nargs="+", default=None, help="Restrict to these candidate sets, e.g. 'out.5,out.8'.")
+    ap.add_argument("--time-sets", nargs="+", default=None, help="Restrict to these timestep sets, e.g. '300,800'.")
     ap.add_argument("--fresh", type=int, default=256)
     ap.add_argument("--no-sweep", action="store_true", help="Skip the k-fold score (half the time).")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,6 +81,8 @@ def main() -> None:
     if args.blocks:
         blocks = [tuple(b.split(",")) for b in args.blocks]
     times = candidate_timesteps(args.timesteps)
+    if args.time_sets:
+        times = [tuple(int(t) for t in ts.split(",")) for ts in args.time_sets]
     pool = args.work / "pool"
     if not (pool / "dataset.json").exists():
         generate(pool, ShapesConfig(n=800, size=size, seed=args.seed, split="val"))

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ddguide.cliargs import ListCommand
-from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS
+from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
 from ddguide.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -569,7 +569,7 @@ def extract(
     if auto_blocks:
         with progress_bar("choosing taps") as bar:
             path, rows = extract_auto(cfg, auto_blocks=True, auto_times=auto_times, progress=bar.update)
-        table = Table(title="held-out accuracy of a classifier head per tap set (k-fold on the labelled images)")
+        table = Table(title="held-out accuracy of a linear probe per tap set (k-fold on the labelled images)")
         for column in ("blocks", "timesteps", "accuracy", "spread", "channels"):
             table.add_column(column, justify="left" if column in ("blocks", "timesteps") else "right")
         for row in rows:
@@ -579,6 +579,7 @@ def extract(
         best = rows[0]
         console.print(f"chose --blocks {' '.join(best.blocks)} --timesteps {' '.join(map(str, best.timesteps))}",
                       highlight=False)
+        report(sweep=[row.to_dict() for row in rows])
     else:
         with progress_bar("extracting") as bar:
             path = run(cfg, progress=bar.update)
@@ -638,11 +639,13 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, features, head, samples and demo.png.")] = Path(
         "ddguide-demo"),
     attribute: Annotated[str, typer.Option(help="Attribute of the shapes domain to guide towards.")] = "has_circle",
-    lam: Annotated[float, typer.Option("--lambda", help="Guidance scale lambda of Eq. 13.")] = 10.0,
+    lam: Annotated[float, typer.Option("--lambda", help=(
+        "Guidance scale lambda of Eq. 13 (the default is where README's lambda curve for the demo's head levels "
+        "off; benchmarks/lambda_curve.py)."))] = DEMO_LAMBDA,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
     n: Annotated[int, typer.Option("-n", "--num-images", help="Samples of each kind (guided and unguided).")] = 16,
     labels: Annotated[int, typer.Option(help="Labelled images per side (with / without the attribute).")] = 50,
-    guide_grad: Annotated[str, typer.Option(help="full or x0 (see `sample --help`).")] = "x0",
+    guide_grad: Annotated[str, typer.Option(help="full or x0 (see `sample --help`).")] = DEMO_GRAD,
     seed: Annotated[int, typer.Option(help="Seed of the data, head and samples.")] = 0,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",

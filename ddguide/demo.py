@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ddguide import oracles
+from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
 from ddguide.errors import UserError
 from ddguide.features import ExtractConfig, extract
 from ddguide.generate import SampleConfig, generate, write_grid
@@ -35,12 +36,10 @@ class DemoConfig:
     labels: int = 50  # per side: 50 with the attribute, 50 without (paper §5.1)
     n: int = 16
     steps: int = 50
-    lam: float = 10.0
-    # None: mid and the second upsampling block, as in the paper's §5.1 (out.5 on the shipped model). T_f = 300
-    # rather than the paper's 700: on the shipped 32 px model heads held out better there.
-    blocks: tuple[str, ...] | None = None
-    timesteps: tuple[int, ...] = (300,)
-    grad: str = "x0"
+    lam: float = DEMO_LAMBDA
+    blocks: tuple[str, ...] | None = None  # extract's defaults (benchmarks/taps.py), where the model has them
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
+    grad: str = DEMO_GRAD
     seed: int = 0
     model: str | None = None
     device: str = "auto"
@@ -105,7 +104,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
     folder, table = labelled_subset(pool, cfg.attribute, cfg.labels)
 
     # 2. denoiser features and a classifier head on them
-    blocks = cfg.blocks or model.net.attribute_blocks()
+    blocks = cfg.blocks or (DEFAULT_BLOCKS if set(DEFAULT_BLOCKS) <= set(model.net.block_names())
+                            else model.net.attribute_blocks())
     feats = extract(ExtractConfig(data=str(folder), out=str(out / "features.safetensors"), model=cfg.model,
                                   blocks=blocks, timesteps=cfg.timesteps, labels=str(table),
                                   label=cfg.attribute, device=cfg.device, precision=cfg.precision),

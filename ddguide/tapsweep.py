@@ -3,8 +3,8 @@
 Which blocks and feature timesteps carry a label depends on the model and the label: on the shipped model a colour
 head reads nothing from ``mid`` but everything from the 16 and 32 px decoder blocks. The sweep fits a linear probe
 on every candidate set of taps, k-fold on the labelled images themselves, and keeps the best mean held-out
-accuracy. Candidates: ``mid`` and each upsampling block of the decoder alone and with its neighbour, at each
-candidate timestep alone and at all of them together.
+accuracy. Candidates: ``mid`` and each upsampling block of the decoder alone and with its neighbour, and ``mid`` with the two
+finest upsampling blocks, at each candidate timestep alone and at all of them together.
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ class SweepRow:
 
 
 def candidate_blocks(upsampling: Sequence[str]) -> list[tuple[str, ...]]:
-    """``mid`` and each upsampling block, alone and with its neighbour in that order."""
+    """``mid`` and each upsampling block, alone and with its neighbour in that order, and ``mid`` with the two
+    finest upsampling blocks (coarse layout and fine colour and shape at once)."""
     names = ["mid", *upsampling]
-    return [(b,) for b in names] + list(zip(names, names[1:]))
+    sets = [(b,) for b in names] + list(zip(names, names[1:]))
+    if len(upsampling) >= 2:
+        sets.append(("mid", *upsampling[-2:]))
+    return list(dict.fromkeys(sets))
 
 
 def candidate_timesteps(given: Sequence[int]) -> list[tuple[int, ...]]:

@@ -10,7 +10,7 @@ def test_demo_runs_the_whole_pipeline(tiny_model_path, tmp_path):
     r = CliRunner().invoke(app, ["demo", "--model", str(tiny_model_path), "--out", str(out), "-n", "3",
                                  "--labels", "6", "--steps", "3", "--device", "cpu", "--attribute", "has_red"])
     assert r.exit_code == 0, r.output
-    assert "unguided" in r.output and "guided" in r.output
+    assert "unguided" in r.output and "guided (lambda" in r.output  # the guided row, not "unguided" again
     assert (out / "demo.png").is_file() and (out / "head.safetensors").is_file()
     assert len((out / "guided" / "index.csv").read_text().splitlines()) == 4
 
