@@ -430,3 +430,30 @@ def test_attribute_blocks_and_block_modules():
     assert mid == "mid" and up in net.upsampling_blocks()
     assert net.block_module("mid") is net.middle_block and net.block_module("in.0") is net.input_blocks[0]
     assert net.block_module(f"out.{len(net.output_blocks) - 1}") is net.output_blocks[-1]
+
+
+def test_pointwise_convolutions_stay_on_onednn_and_equal_nn_conv():
+    # PyTorch gives fp32 1x1 convolutions at batch < 16 on one thread to _slow_conv2d; ours take oneDNN,
+    # with the outputs and gradients of nn.Conv1d / nn.Conv2d.
+    torch.manual_seed(0)
+    for new, old, x in ((unet_mod.Conv1x1(24, 40, 1), torch.nn.Conv2d(24, 40, 1), torch.randn(2, 24, 9, 7)),
+                        (unet_mod.Conv1x1d(24, 72, 1), torch.nn.Conv1d(24, 72, 1), torch.randn(3, 24, 50))):
+        old.load_state_dict(new.state_dict())
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        outs = [new(xs[0]), old(xs[1])]
+        torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=RTOL)
+        for out in outs:
+            out.square().sum().backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(new.weight.grad, old.weight.grad, atol=ATOL, rtol=RTOL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = UNetModel(PRESETS["tiny"].unet).eval()
+        x = torch.randn(2, 3, 16, 16, requires_grad=True)
+        with torch.profiler.profile() as prof:
+            net(x, torch.tensor([3, 500])).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    ops = {e.key for e in prof.key_averages()}
+    assert not any("slow_conv" in op for op in ops), sorted(op for op in ops if "conv" in op)
