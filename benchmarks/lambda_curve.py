@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddguide import oracles  # noqa: E402
 from ddguide.data import to_uint8  # noqa: E402
-from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS  # noqa: E402
+from ddguide.defaults import DEFAULT_TIMESTEPS  # noqa: E402
 from ddguide.demo import labelled_subset  # noqa: E402
 from ddguide.features import ExtractConfig, extract  # noqa: E402
 from ddguide.generate import draw, plain_denoiser, timesteps_for  # noqa: E402
@@ -56,7 +56,7 @@ def head_for(work: Path, attribute: str, blocks: tuple[str, ...], timesteps: tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attribute", default="has_circle")
-    ap.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS))
+    ap.add_argument("--blocks", nargs="+", default=None, help="Taps (default: extract's, the model's default_taps).")
     ap.add_argument("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS))
     ap.add_argument("--lambdas", nargs="+", type=float, default=[0, 0.3, 1, 3, 10])
     ap.add_argument("--grads", nargs="+", default=["full", "x0"])
@@ -74,7 +74,7 @@ def main() -> None:
     done = json.loads(args.out.read_text()) if args.out.exists() else []
     model = load_model(None).requires_grad_(False)
     kept = timesteps_for(model, args.steps, "ddim")
-    blocks, times = tuple(args.blocks), tuple(args.timesteps)
+    blocks, times = tuple(args.blocks or model.net.default_taps()), tuple(args.timesteps)
     for seed in args.seeds:
         head_path = head_for(args.work, args.attribute, blocks, times, seed)
         head = load_head(head_path)

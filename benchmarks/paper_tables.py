@@ -24,7 +24,7 @@ import torch
 
 from ddguide import oracles
 from ddguide.data import list_images, read_mask, to_tensor, to_uint8
-from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS, DEMO_LAMBDA
+from ddguide.defaults import DEFAULT_TIMESTEPS, DEMO_LAMBDA
 from ddguide.features import ExtractConfig, FeatureSpec, compute, extract
 from ddguide.fid import DenoiserFeatures, compute_stats, frechet_distance
 from ddguide.generate import draw, plain_denoiser, timesteps_for
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of Table 1")
     parser.add_argument("--lam", type=float, default=DEMO_LAMBDA, help="lambda for attribute heads")
     parser.add_argument("--pixel-lam", type=float, default=DEMO_LAMBDA, help="lambda for the DDIM-I pixel head")
-    parser.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS), help="taps of the Table 1 heads")
+    parser.add_argument("--blocks", nargs="+", default=None, help="taps of the Table 1 heads (default: extract's)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
     parser.add_argument("--mask-lam", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=16, help="batch of the cost measurement")
@@ -265,7 +265,7 @@ def main() -> None:
             cost(ws, args.batch)
         if args.table in ("1", "all"):
             table1(ws, args.seeds, args.n, args.steps, args.lam, args.pixel_lam, args.attributes,
-                   tuple(args.blocks), tuple(args.timesteps))
+                   tuple(args.blocks or ws.model.net.default_taps()), tuple(args.timesteps))
         if args.table in ("2", "all"):
             table2(ws, args.seeds, min(args.n, 16), args.mask_lam, args.mask_lam)
 

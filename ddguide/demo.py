@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ddguide import oracles
-from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
+from ddguide.defaults import DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
 from ddguide.errors import UserError
 from ddguide.features import ExtractConfig, extract
 from ddguide.generate import SampleConfig, generate, write_grid
@@ -104,8 +104,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
     folder, table = labelled_subset(pool, cfg.attribute, cfg.labels)
 
     # 2. denoiser features and a classifier head on them
-    blocks = cfg.blocks or (DEFAULT_BLOCKS if set(DEFAULT_BLOCKS) <= set(model.net.block_names())
-                            else model.net.attribute_blocks())
+    blocks = cfg.blocks or model.net.default_taps()
     feats = extract(ExtractConfig(data=str(folder), out=str(out / "features.safetensors"), model=cfg.model,
                                   blocks=blocks, timesteps=cfg.timesteps, labels=str(table),
                                   label=cfg.attribute, device=cfg.device, precision=cfg.precision),
