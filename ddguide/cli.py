@@ -86,8 +86,22 @@ out_console = _SafeConsole(markup=False)
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[str, typer.Option(help=(
-    "fp32, or bf16 autocast (on a 2-core avx512_bf16 CPU: 1.9x the fp32 U-Net speed of a 121M-parameter model, "
-    "1.6x the shapes32 training step; benchmarks/unet_speed.py, benchmarks/train_speed.py)."))]
+    "auto, fp32, or bf16 autocast (on a 2-core avx512_bf16 CPU: 1.9x the fp32 U-Net speed of a 121M-parameter "
+    "model, 1.6x the shapes32 training step; benchmarks/unet_speed.py, benchmarks/train_speed.py). auto: bf16 "
+    "where the device has fast bf16 (CUDA with bf16, a CPU with avx512_bf16 or AMX) and not --compile on the "
+    "CPU, else fp32; the choice is printed."))]
+
+
+def _precision(precision: str, device: str, compile: bool = False) -> str:
+    """--precision with auto resolved for the device the command runs on; which one ran is said on stderr
+    once the command has succeeded (a refused run keeps its one error line)."""
+    from ddguide.models import describe_precision, resolve_device, resolve_precision
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        return precision  # the command's own check names the valid values
+    dev = resolve_device(device)
+    _run.precision_note = describe_precision(precision, dev, compile=compile)
+    return resolve_precision(precision, dev, compile=compile)
 ModelOpt = Annotated[Optional[Path], typer.Option(help="Model artifact (default: the model shipped with ddguide).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help=(
     "Run the steps through torch.compile (a one-off compilation of a few minutes), meant for CUDA. On the CPU "
@@ -101,6 +115,7 @@ class _Run:
     def __init__(self, command: str = "", as_json: bool = False, quiet: bool = False):
         self.command, self.json, self.quiet = command, as_json, quiet
         self.figures: dict[str, Any] = {}
+        self.precision_note = ""  # set by _precision, printed after a successful run
 
 
 _run = _Run()
@@ -173,6 +188,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _check_options(ddguide_ctx, kwargs)
             with _output_guards(run.command, kwargs):
                 fn(*args, **kwargs)
+            if run.precision_note:
+                console.print(run.precision_note, highlight=False)
             if run.json and int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
                 _emit_json(run.command, True, **run.figures)
         except UserError as e:
@@ -418,11 +435,13 @@ def sample(
     reject_model: Annotated[Optional[Path], typer.Option(
         help="The unconditional model the rejection head reads (default: the shipped model).")] = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Sample images: unconditional, guided by heads (--guide), or class-conditional (--class, --cfg, --reject)."""
     from ddguide.generate import SampleConfig, generate
     from ddguide.guidance import class_sampling, head_sampling
+
+    precision = _precision(precision, device)
 
     cfg = SampleConfig(out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler,
                        eta=eta, seed=seed, batch=batch, device=device, precision=precision)
@@ -466,7 +485,7 @@ def train(
     ema: Annotated[float, typer.Option(help="EMA decay of the weights that are shipped.")] = 0.999,
     grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
     schedule: Annotated[Optional[str], typer.Option(help="linear or cosine (default: the preset's).")] = None,
-    precision: PrecisionOpt = "bf16",
+    precision: PrecisionOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, batches and noise.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
     resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
@@ -488,6 +507,7 @@ def train(
     from ddguide.models import is_main_process
     from ddguide.train import TrainConfig, train as run
 
+    precision = _precision(precision, device, compile_)
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
                       grad_clip=grad_clip, lr_final=lr_final, schedule=schedule, precision=precision, seed=seed,
                       checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads,
@@ -549,12 +569,14 @@ def extract(
     storage: Annotated[str, typer.Option(help="fp32 or fp16 on disk.")] = "fp32",
     resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Extract denoiser features (native resolution, streamed to disk) with labels or masks."""
     from ddguide.features import ExtractConfig, extract as run
     from ddguide.models import is_main_process
     from ddguide.tapsweep import AUTO, extract_auto
+
+    precision = _precision(precision, device)
 
     auto_blocks, auto_times = blocks == [AUTO], timesteps == [AUTO]
     if (AUTO in blocks and not auto_blocks) or (AUTO in timesteps and not auto_times):
@@ -649,10 +671,12 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the data, head and samples.")] = 0,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """The few-shot pipeline on the shipped model: 50+50 labels -> head -> guided vs unguided samples."""
     from ddguide.demo import DemoConfig, run_demo
+
+    precision = _precision(precision, device)
 
     cfg = DemoConfig(out=str(out), attribute=attribute, lam=lam, steps=steps, n=n, labels=labels, grad=guide_grad,
                      seed=seed, model=str(model) if model else None, device=device, precision=precision)
@@ -796,7 +820,7 @@ def finetune(
              "for classifier-free guidance).")] = 0.1,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights that are shipped.")] = 0.999,
     grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
-    precision: PrecisionOpt = "bf16",
+    precision: PrecisionOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the class embedding, batches, label dropout and noise.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
     resize: Annotated[str, typer.Option(
@@ -810,6 +834,7 @@ def finetune(
     from ddguide.finetune import FinetuneConfig, finetune as run
     from ddguide.models import is_main_process
 
+    precision = _precision(precision, device, compile_)
     cfg = FinetuneConfig(data=str(data), out=str(out), model=str(model) if model else None, steps=steps,
                          batch=batch, lr=lr, label_dropout=label_dropout, ema_decay=ema, grad_clip=grad_clip,
                          precision=precision, seed=seed, checkpoint_every=checkpoint_every, device=device,

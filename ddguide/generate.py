@@ -55,7 +55,7 @@ class SampleConfig:
             raise UserError(f"unknown precision {self.precision!r} ({', '.join(PRECISIONS)})")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def check_finite_images(x: torch.Tensor, indices: Sequence[int]) -> None:

@@ -45,7 +45,7 @@ RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 # parameter name -> the values it may take, for string options that a run might otherwise only read late
 CHOICES: dict[str, tuple[str, ...]] = {
     "resize": ("refuse", "resize", "center-crop"),
-    "precision": ("fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
     "sampler": ("ddim", "ddpm"),
     "guide_grad": ("full", "x0"),
     "noise": ("none", "fixed"),

@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,7 @@ from ddguide.data import list_images, load_image, to_tensor
 from ddguide.diffusion import DiffusionConfig, alphas_cumprod, q_sample, split_output
 from ddguide.errors import UserError
 from ddguide.models import (Model, all_gather, autocast, is_main_process, join_process_group, process_shard,
-                            resolve_device, save_model)
+                            resolve_device, resolve_precision, save_model)
 from ddguide.unet import UNetModel, get_preset
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
@@ -180,6 +180,7 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     every rank's generator state and only rank 0 writes files and reports progress.
     """
     rank, world = process_shard()
+    recipe = replace(recipe, precision=resolve_precision(recipe.precision, device, compile=recipe.compile))
     if recipe.compile and device.type == "cpu":
         if not cpp_compiler_found():  # without one the first step would fail deep inside inductor
             raise UserError(f"--compile on the CPU needs a C++ compiler: {os.environ.get('CXX', 'g++')} is not on "

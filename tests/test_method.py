@@ -41,7 +41,7 @@ def workdir(tmp_path_factory, tiny_model_path):
     feats = root / "f.safetensors"
     ok(run("extract", images, "--model", tiny_model_path, "--blocks", "mid", "--blocks", "out.1",
            "--timesteps", 100, "--timesteps", 500, "--labels", root / "labels.csv", "--label", "red",
-           "--out", feats, "--device", "cpu", "--batch", 5))
+           "--out", feats, "--device", "cpu", "--batch", 5, "--precision", "fp32"))
     head = root / "h.safetensors"
     ok(run("train-head", feats, "--out", head, "--steps", 60))
     return root

@@ -83,7 +83,7 @@ def test_sharded_extract_equals_one_process(images, tiny_model_path, tmp_path):
     out = tmp_path / "sharded.safetensors"
     r = torchrun("-m", "ddguide", "extract", images, "--out", out, "--model", tiny_model_path, "--blocks", "mid",
                  "--blocks", "out.2", "--timesteps", 10, "--timesteps", 500, "--noise", "fixed", "--batch", 3,
-                 "--device", "cpu")
+                 "--device", "cpu", "--precision", "fp32")  # the API's default, as `whole` above
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = artifacts.load(whole, "features"), artifacts.load(out, "features")
     assert a.config == b.config and a.fingerprint == b.fingerprint and set(a.tensors) == set(b.tensors)
