@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[0, 8, 16])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--blocks", nargs="+", default=["out.10", "out.12", "out.14"])
-    parser.add_argument("--timesteps", nargs="+", default=["50", "150", "250"])
+    parser.add_argument("--timesteps", nargs="+", default=[], help="default: extract's")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ddguide-extract-memory"))
     args = parser.parse_args()
@@ -55,7 +55,7 @@ def main() -> None:
         del net
     size = preset.unet.image_size
     print(f"{args.preset}: {model_path.stat().st_size / 1e9:.2f} GB of weights, {size} px, taps "
-          f"{' '.join(args.blocks)} at T_f {' '.join(args.timesteps)}, batch {args.batch}, "
+          f"{' '.join(args.blocks)} at T_f {' '.join(args.timesteps) or 'default'}, batch {args.batch}, "
           f"--precision {args.precision}")
     for n in args.images:
         start = time.perf_counter()
@@ -74,7 +74,7 @@ def main() -> None:
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         subprocess.run([sys.executable, "-m", "ddguide.cli", "extract", str(images), "--model", str(model_path),
                         "--out", str(args.workdir / f"features{n}.safetensors"), "--blocks", *args.blocks,
-                        "--timesteps", *args.timesteps, "--batch", str(args.batch), "--device", "cpu",
+                        *(["--timesteps", *args.timesteps] if args.timesteps else []), "--batch", str(args.batch), "--device", "cpu",
                         "--precision", args.precision, "--quiet"], check=True)
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         note = "" if peak_kb > before else " (not above an earlier child's peak: run one N per call)"
