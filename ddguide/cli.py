@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ddguide.cliargs import ListCommand
-from ddguide.defaults import DEFAULT_BLOCKS, DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
+from ddguide.defaults import DEFAULT_BLOCKS_RULE, DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
 from ddguide.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -556,8 +556,8 @@ def extract(
     blocks: Annotated[list[str], typer.Option(metavar="BLOCK ...", help=(
         "Blocks to tap: in.<i>, mid, out.<i>; or auto: a held-out sweep over mid and the decoder's upsampling "
         "blocks (alone and with a neighbour) x the timesteps, on the labelled images; it prints the table and "
-        "keeps the best. The default was chosen that way on the shipped model (README, benchmarks/taps.py)."))]
-        = list(DEFAULT_BLOCKS),
+        "keeps the best. Default: " + DEFAULT_BLOCKS_RULE + ", chosen by measurement (README, "
+        "benchmarks/taps.py)."), show_default=False)] = [],
     noise: Annotated[str, typer.Option(help="none: clean image (official code); fixed: q(x_T|x0) with a fixed "
                                             "seed per image (Baranchuk et al.).")] = "none",
     seed: Annotated[int, typer.Option(help="Seed of the fixed noise.")] = 0,

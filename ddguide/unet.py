@@ -282,6 +282,12 @@ class UNetModel(nn.Module):
         return [f"out.{i}" for i, block in enumerate(self.output_blocks)
                 if isinstance(block[-1], Upsample) or (isinstance(block[-1], ResBlock) and block[-1].updown)]
 
+    def default_taps(self) -> tuple[str, ...]:
+        """``extract``'s default taps: ``mid`` and the two finest upsampling blocks (``mid out.5 out.8`` on the
+        shipped model). Chosen by benchmarks/taps.py: the only tap set there whose heads reach >= 0.93 on fresh
+        images for colour, shape, count and position alike (README, "Choosing taps")."""
+        return tuple(dict.fromkeys(("mid", *self.upsampling_blocks()[-2:])))
+
     def attribute_blocks(self) -> tuple[str, str]:
         """The taps of the paper's attribute heads (§5.1): ``mid`` and the second upsampling block."""
         ups = self.upsampling_blocks()
