@@ -378,13 +378,16 @@ class UNetModel(nn.Module):
         last = max(order.index(b) for b in wanted)
         emb = self.embed(t, y)
         taps: dict[str, torch.Tensor] = {}
-        hs = []
+        # the output blocks that run take the last skips; the others (the finest, largest) need not be kept
+        n_out = sum(name.startswith("out.") for name in order[: last + 1])
+        keep_from = len(self.input_blocks) - n_out
+        hs: list[torch.Tensor | None] = []
         h = x
         for name in order[: last + 1]:
             kind, _, idx = name.partition(".")
             if kind == "in":
                 h = self.input_blocks[int(idx)](h, emb)
-                hs.append(h)
+                hs.append(h if int(idx) >= keep_from else None)
             elif kind == "mid":
                 h = self.middle_block(h, emb)
             else:
