@@ -15,7 +15,12 @@ from typer.core import TyperCommand
 
 
 class ListCommand(TyperCommand):
-    """A typer command whose list options accept ``--opt A B C``."""
+    """A typer command whose list options accept ``--opt A B C``, and whose range-checked numeric options say
+    their range in ``--help`` (from :data:`ddguide.options.RANGES`, the table the checks use)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        document_ranges(self.params)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, expand_lists(args, self.list_options(), ctx))
@@ -27,6 +32,38 @@ class ListCommand(TyperCommand):
                     and p.param_type_name == "option":
                 names.update(p.opts)
         return names
+
+
+def range_text(name: str) -> str:
+    """What ``--help`` appends to option ``name``'s help: ``[range: >= 1]``."""
+    from ddguide.options import RANGES
+
+    return f"[range: {RANGES[name][0]}]"
+
+
+def document_ranges(params: list[Any]) -> None:
+    """Append its range to the help of every numeric option that :data:`ddguide.options.RANGES` checks (a
+    ``--labels`` that names a file has no range)."""
+    from ddguide.options import RANGES
+
+    for p in params:
+        descriptor = getattr(p, "type_descriptor", None)
+        if p.name not in RANGES or descriptor is None or not _numeric(descriptor.annotation):
+            continue
+        text = range_text(p.name)
+        if text not in (p.help or ""):
+            # rich markup mode would read "[range: ...]" as a style tag: "\[" keeps the bracket literal
+            p.help = f"{p.help} \\{text}" if p.help else f"\\{text}"
+
+
+def _numeric(annotation: Any) -> bool:
+    """int, float, or a tuple, list or Optional of them (not bool)."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    if typing.get_origin(annotation) is None:
+        return annotation in (int, float)
+    return bool(args) and all(_numeric(a) for a in args)
 
 
 def expand_lists(args: list[str], list_options: set[str], ctx: Any = None) -> list[str]:
