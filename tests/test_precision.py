@@ -58,7 +58,7 @@ def test_sample_defaults_to_auto_and_says_which(tiny_model_path, tmp_path, monke
     assert r.exit_code == 0 and "precision: fp32" in r.output
 
 
-@pytest.mark.slow  # 35 s on an idle 2-core CPU, 100 s under load: run with `pytest -m slow`
+@pytest.mark.slow  # ~40 s alone, 100 s inside the suite on this shared 2-core CPU: `pytest -m slow`
 @pytest.mark.skipif(not models.bf16_is_fast(CPU), reason="this CPU has no native bf16")
 def test_bf16_guided_samples_stay_close_to_fp32(tmp_path):
     demo = run_demo(DemoConfig(out=str(tmp_path / "demo"), n=1, steps=1, labels=20, device="cpu",
