@@ -12,8 +12,8 @@
 #   heads/rejection.safetensors  the rejection head
 #   synth/                   accepted samples, SAMPLES per class, with index.csv (class, reject_prob) and grid.png
 #   cas.safetensors          the CAS report (top-1 accuracy on test/ is printed)
-# Time on a laptop CPU (2 cores, measured): full about 5 min (fine-tuning 400 steps about 3 min, 64 accepted of
-# 512 draws 1 min 20 s); it gave CAS top-1 0.27 on 400 real test images (chance 0.06; the same classifier on 400
+# Time on a laptop CPU (2 cores, measured): full 5 to 8 min (fine-tuning 400 steps 3 to 5 min, 64 accepted of
+# 512 draws 1 min 15 s); it gave CAS top-1 0.27 on 400 real test images (chance 0.06; the same classifier on 400
 # real training images: 0.82). QUICK=1 (16 images, 2 fine-tuning steps, 1 sample per class, threshold 0, 1 epoch)
 # about 16 s.
 #
