@@ -300,8 +300,9 @@ def chance_warning(metrics: dict[str, float]) -> str | None:
     if acc is None or chance is None or n < 8:
         return None
     if acc < chance + 0.5 * (1 - chance):  # less than half of the way from chance to perfect
-        return (f"held-out accuracy {acc:.2f} is near chance ({chance:.2f} by always answering the commonest "
-                f"class): these taps may not carry the label; try `ddguide extract ... --blocks auto`")
+        return (f"held-out accuracy {acc:.2f} is less than half way from chance ({chance:.2f}, always answering "
+                f"the commonest class) to 1: these taps may not carry the label; try `ddguide extract ... "
+                f"--blocks auto`")
     return None
 
 
