@@ -146,7 +146,7 @@ def test_train_head_warns_near_chance(tmp_path, tiny_model_path):
     images.mkdir()
     rng = np.random.default_rng(0)
     rows = ["file,coin"]
-    for i in range(30):  # labels that no image carries
+    for i in range(50):  # labels that no image carries: 10 held out, enough for the warning to apply
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
         rows.append(f"{i:02d}.png,{int(rng.integers(0, 2))}")
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
@@ -154,8 +154,8 @@ def test_train_head_warns_near_chance(tmp_path, tiny_model_path):
            "--blocks", "mid", "--timesteps", 100, "--out", tmp_path / "f.safetensors", "--device", "cpu"))
     r = ok(run("train-head", tmp_path / "f.safetensors", "--out", tmp_path / "h.safetensors", "--steps", 20))
     metrics = load_head(tmp_path / "h.safetensors").cfg.metrics
-    if chance_warning(metrics):
-        assert "less than half way from chance" in r.output
+    assert metrics["val_images"] == 10 and chance_warning(metrics)
+    assert "less than half way from chance" in r.output
     assert chance_warning({"val_accuracy": 0.55, "val_chance": 0.5, "val_images": 20})
     assert chance_warning({"val_accuracy": 0.95, "val_chance": 0.5, "val_images": 20}) is None
 
