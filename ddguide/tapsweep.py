@@ -97,13 +97,14 @@ def score(taps: dict[str, torch.Tensor], y: torch.Tensor, spec: FeatureSpec, *, 
           seed: int = 0) -> tuple[float, float, int]:
     """k-fold held-out accuracy of a linear probe on the taps of ``spec``: (mean, std, channels of the taps).
 
-    A probe, not a full head, so a sweep over dozens of tap sets takes seconds at any resolution; it ranks tap
-    sets as the heads' accuracy on fresh images does (benchmarks/taps.py prints both)."""
+    A probe, not a full head, so a sweep over dozens of tap sets takes seconds at any resolution; its picks
+    match the sets whose heads score best on fresh images (benchmarks/taps_auto.py against benchmarks/taps.py)."""
     x = probe_inputs(taps, spec.keys())
     classes = int(y.max()) + 1
     accs = []
-    for i, held in enumerate(_folds(y, folds, seed)):
-        train = torch.cat([f for j, f in enumerate(_folds(y, folds, seed)) if j != i])
+    parts = _folds(y, folds, seed)
+    for i, held in enumerate(parts):
+        train = torch.cat([f for j, f in enumerate(parts) if j != i])
         with torch.enable_grad():
             lin = _probe(x[train], y[train], classes)
         with torch.no_grad():
