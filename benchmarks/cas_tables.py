@@ -29,10 +29,8 @@ import numpy as np
 from ddguide import artifacts
 from ddguide.cas import CasConfig, cas
 from ddguide.features import ExtractConfig, extract
-from ddguide.filter import RejectionSampling, sample_with_rejection
-from ddguide.finetune import FinetuneConfig, finetune
-from ddguide.generate import SampleConfig, generate
-from ddguide.guidance import class_sampling
+from ddguide.finetune import FinetuneConfig, finetune, finetune_recipe
+from ddguide.generate import RejectSpec, SampleConfig, sample
 from ddguide.heads import TrainHeadConfig, train_head
 from ddguide.models import load_model
 from ddguide.shapes import CLASS_NAMES, ShapesConfig
@@ -63,8 +61,9 @@ def build_sets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     # the fine-tuned model, and the rejection head on the unconditional model's own features
     cond, feats, head = root / "cond.safetensors", root / "rej-feats.safetensors", root / "rejection.safetensors"
     stage(f"fine-tuning ({args.finetune_steps} steps)", cond,
-          lambda: finetune(FinetuneConfig(data=str(real), out=str(cond), model=args.model, steps=args.finetune_steps,
-                                          batch=args.batch_finetune, seed=args.data_seed, device=args.device)))
+          lambda: finetune(FinetuneConfig(data=str(real), out=str(cond), model=args.model, device=args.device,
+                                          recipe=finetune_recipe(steps=args.finetune_steps, batch=args.batch_finetune,
+                                                                 seed=args.data_seed))))
     stage("rejection features (mid @ 300, 800)", feats,
           lambda: extract(ExtractConfig(data=str(real / "images"), out=str(feats), model=args.model,
                                         blocks=("mid",), timesteps=(300, 800), device=args.device)))
@@ -75,13 +74,15 @@ def build_sets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
         out = root / name
         n = args.per_class if reject else n_real
         cfg = SampleConfig(out=str(out), model=str(cond), n=n, steps=args.steps, sampler=args.sampler,
-                           seed=args.data_seed * 100000 + seed_offset, batch=64, device=args.device)
+                           seed=args.data_seed * 100000 + seed_offset, batch=64, device=args.device,
+                           classes=["all"], cfg_scale=w,
+                           reject=RejectSpec(str(head), args.threshold, args.model) if reject else None)
 
         def run():
             if reject:
-                r = sample_with_rejection(cfg, RejectionSampling(str(head), args.threshold, args.model, ["all"], w))
+                r = sample(cfg)
                 return f"{r.kept} kept of {r.total} drawn: acceptance {r.kept / r.total:.2f}"
-            generate(cfg, class_sampling(["all"], w, "fp32"))
+            sample(cfg)
             return f"{n} images"
 
         stage(f"synthetic set {name}", out / "index.csv", run)

@@ -31,6 +31,7 @@ from ddguide.demo import labelled_subset  # noqa: E402
 from ddguide.features import ExtractConfig, extract  # noqa: E402
 from ddguide.generate import draw, plain_denoiser, timesteps_for  # noqa: E402
 from ddguide.guidance import Guide, head_guidance  # noqa: E402
+from ddguide.models import denoiser as denoiser_of  # noqa: E402
 from ddguide.heads import TrainHeadConfig, load_head, train_head  # noqa: E402
 from ddguide.models import load_model  # noqa: E402
 from ddguide.shapes import ShapesConfig, generate  # noqa: E402
@@ -90,8 +91,8 @@ def main() -> None:
                     images = []
                     for first in range(0, args.n, args.batch):
                         indices = [1000 * seed + k for k in range(first, min(first + args.batch, args.n))]
-                        denoiser = plain_denoiser(model, model.device, "fp32") if not lam else head_guidance(
-                            model, [Guide(head, 1.0, 1)], lam, indices, grad=grad, clamp=clamp)
+                        denoiser = plain_denoiser(model, "fp32") if not lam else head_guidance(
+                            denoiser_of(model), model, [Guide(head, 1.0, 1)], lam, indices, grad=grad, clamp=clamp)
                         images.append(to_uint8(draw(model, denoiser, indices, 0, kept)))
                     images = np.concatenate(images)
                     attrs = oracles.predict_attributes(images)

@@ -15,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ddguide import oracles
 from ddguide.data import list_images, load_image, to_uint8
-from ddguide.generate import draw, plain_denoiser, timesteps_for, write_grid
+from ddguide.generate import draw, plain_denoiser, timesteps_for
+from ddguide.samples import write_grid
 from ddguide.models import load_model, resolve_device
 from ddguide.shapes import ATTRIBUTES, CLASS_NAMES, ShapesConfig
 from ddguide.shapes import generate as generate_shapes
@@ -29,7 +29,7 @@ def sample_images(model_path: str | None, n: int, steps: int, sampler: str, eta:
                   batch: int = 64, device: str = "cpu") -> np.ndarray:
     dev = resolve_device(device)
     model = load_model(model_path).to(dev)
-    denoiser = plain_denoiser(model, dev, "fp32")
+    denoiser = plain_denoiser(model, "fp32")
     kept = timesteps_for(model, steps, sampler)
     parts = []
     for first in range(0, n, batch):

@@ -29,6 +29,7 @@ from ddguide.features import ExtractConfig, FeatureSpec, compute, extract
 from ddguide.fid import DenoiserFeatures, compute_stats, frechet_distance
 from ddguide.generate import draw, plain_denoiser, timesteps_for
 from ddguide.guidance import Guide, head_guidance
+from ddguide.models import denoiser as base_denoiser
 from ddguide.heads import TrainHeadConfig, load_head, train_head
 from ddguide.models import load_model
 from ddguide.shapes import MASK_CLASSES, ShapesConfig
@@ -87,10 +88,11 @@ def sample(ws: Workspace, guide: Path | None, lam: float, grad: str, n: int, ste
     kept = timesteps_for(model, steps, "ddim")
     if guide is None:
         if (n, steps, seed) not in UNGUIDED:
-            plain = plain_denoiser(model, torch.device("cpu"), "fp32")
+            plain = plain_denoiser(model, "fp32")
             UNGUIDED[(n, steps, seed)] = to_uint8(draw(model, plain, indices, 0, kept))
         return UNGUIDED[(n, steps, seed)]
-    denoiser = head_guidance(model, [Guide(load_head(guide), 1.0, target)], lam, indices, grad=grad)
+    denoiser = head_guidance(base_denoiser(model), model, [Guide(load_head(guide), 1.0, target)], lam, indices,
+                             grad=grad)
     return to_uint8(draw(model, denoiser, indices, 0, kept))
 
 
@@ -223,8 +225,8 @@ def cost(ws: Workspace, batch: int) -> None:
         logits = head(head.inputs({f"feat.{b}@{TIMESTEPS[0]}": o for b, o in taps.items()}))
         torch.autograd.grad(torch.log_softmax(logits, 1)[:, 1].sum(), x_in)
 
-    full = head_guidance(model, guides, 1.0, indices, grad="full")
-    x0_mode = head_guidance(model, guides, 1.0, indices, grad="x0")
+    full = head_guidance(base_denoiser(model), model, guides, 1.0, indices, grad="full")
+    x0_mode = head_guidance(base_denoiser(model), model, guides, 1.0, indices, grad="x0")
     spec = FeatureSpec(("mid",), (300, 800))
     rounds = 15
     steps = ratios({"unguided": unguided, "ours, --guide-grad x0": lambda: x0_mode(x, t),

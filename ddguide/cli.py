@@ -428,6 +428,9 @@ def sample(
         help="full: differentiate through the denoiser (paper); x0: hold eps constant (cheaper).")] = "full",
     guide_window: Annotated[Optional[tuple[int, int]], typer.Option(
         help="Guide only while LO <= t <= HI (schedule indices), given as HI LO.")] = None,
+    guide_model: Annotated[Optional[Path], typer.Option(
+        help="The model whose features the heads read, when it is not --model (e.g. the unconditional model a "
+             "class-conditional --model was fine-tuned from).")] = None,
     reject: Annotated[Optional[Path], typer.Option(
         help="Rejection head (on the unconditional model's features): keep drawing until -n images of each "
              "class are accepted.")] = None,
@@ -437,34 +440,28 @@ def sample(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
-    """Sample images: unconditional, guided by heads (--guide), or class-conditional (--class, --cfg, --reject)."""
-    from ddguide.generate import SampleConfig, generate
-    from ddguide.guidance import class_sampling, head_sampling
+    """Sample images: unconditional, guided by heads (--guide), class-conditional (--class, --cfg), with a
+    rejection head (--reject), or any combination of them."""
+    from ddguide.generate import RejectSpec, SampleConfig, sample as run_sample
 
     precision = _precision(precision, device)
-
-    cfg = SampleConfig(out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler,
-                       eta=eta, seed=seed, batch=batch, device=device, precision=precision)
+    cfg = SampleConfig(
+        out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
+        batch=batch, device=device, precision=precision, guides=list(guide or []), target=target,
+        mask=str(mask) if mask else None, lam=lam, guide_grad=guide_grad, guide_window=guide_window,
+        guide_model=str(guide_model) if guide_model else None,
+        classes=list(class_ or []), cfg_scale=cfg_scale,
+        reject=RejectSpec(str(reject), threshold, str(reject_model) if reject_model else None) if reject else None)
     cfg.validate()
-    if reject:
-        from ddguide.filter import RejectionSampling, sample_with_rejection
-
-        rs = RejectionSampling(str(reject), threshold, str(reject_model) if reject_model else None,
-                               list(class_ or ["all"]), cfg_scale)
-        with progress_bar("accepted") as bar:
-            result = sample_with_rejection(cfg, rs, progress=bar.update)
+    with progress_bar("accepted" if reject else "sampling") as bar:
+        result = run_sample(cfg, progress=bar.update)
+    if result.per_class is not None:
         _acceptance_table(result)
         out_console.print(f"wrote {result.kept} accepted images, index.csv and grid.png to {out}")
         report(out=out, images=result.kept, kept=result.kept, per_class=result.per_class)
         return
-    if guide and class_:
-        raise UserError("--guide and --class cannot be combined yet")
-    plan = (head_sampling(guide or [], target, str(mask) if mask else None, lam, guide_grad, guide_window, precision)
-            or class_sampling(class_, cfg_scale, precision))
-    with progress_bar("sampling") as bar:
-        folder = generate(cfg, plan, progress=bar.update)
-    out_console.print(f"wrote {n} images, index.csv and grid.png to {folder}")
-    report(out=folder, images=n)
+    out_console.print(f"wrote {n} images, index.csv and grid.png to {result.out}")
+    report(out=result.out, images=n)
 
 
 # ----------------------------------------------------------------------------------------------- train

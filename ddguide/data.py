@@ -3,7 +3,6 @@ Tiny ImageNet's layout and ddguide sample indexes."""
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Callable
@@ -228,7 +227,6 @@ def _relative(path: Path, root: str | os.PathLike) -> str:
 # ``class_names``) and the sorted class names. Consumers match classes of different sets by name.
 
 Labelled = tuple[list[Path], list[int], list[str]]
-INDEX_FILE = "index.csv"
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -258,7 +256,7 @@ def class_folders(root: str | os.PathLike) -> Labelled:
     if not classes and not _image_files(root):
         raise UserError(f"{root}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if not classes:
-        hint = f" and its {INDEX_FILE} has no 'class' column" if (root / INDEX_FILE).is_file() else ""
+        hint = " and its index.csv has no 'class' column" if (root / "index.csv").is_file() else ""
         raise UserError(f"{root}: no class sub-folders (expected {root}/<class>/*.png){hint}")
     files, labels, empty = [], [], []
     for label, folder in enumerate(classes):
@@ -320,32 +318,12 @@ def tiny_imagenet(root: str | os.PathLike, split: str = "train") -> Labelled:
 
 def indexed_images(root: str | os.PathLike) -> Labelled:
     """A folder with an ``index.csv`` holding ``file`` and ``class`` columns: ddguide samples or shapes data."""
-    root = Path(root)
-    index = root / INDEX_FILE
-    try:
-        with open(index, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"file", "class"} <= set(reader.fieldnames):
-                raise UserError(f"{index}: needs 'file' and 'class' columns")
-            rows = [(inside(root, row["file"], index), row["class"]) for row in reader if row.get("file")]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{index}: unreadable index ({e.__class__.__name__})") from None
-    if not rows:
-        raise UserError(f"{index}: lists no images")
-    missing = [f for f, _ in rows if not f.is_file()]
-    if missing:
-        raise UserError(f"{index}: lists {len(missing)} missing file(s), e.g. {missing[0]}")
-    names = sorted({c for _, c in rows})
+    from ddguide.samples import read_samples
+
+    rows = read_samples(root, require=("class",))
+    names = sorted({r.values["class"] for r in rows})
     ids = {name: i for i, name in enumerate(names)}
-    return [f for f, _ in rows], [ids[c] for _, c in rows], names
-
-
-def _has_class_column(index: Path) -> bool:
-    try:
-        with open(index, newline="", encoding="utf-8") as f:
-            return "class" in (next(csv.reader(f), None) or [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return True  # let indexed_images report what is wrong with it
+    return [r.path for r in rows], [ids[r.values["class"]] for r in rows], names
 
 
 def labelled_images(root: str | os.PathLike, split: str = "train") -> Labelled:
@@ -353,7 +331,9 @@ def labelled_images(root: str | os.PathLike, split: str = "train") -> Labelled:
     (``split`` picks train or val) or its ``val`` folder, else class sub-folders."""
     root = Path(root)
     _require_folder(root)
-    if (root / INDEX_FILE).is_file() and _has_class_column(root / INDEX_FILE):
+    from ddguide import samples
+
+    if (root / samples.INDEX).is_file() and samples.has_column(root, "class"):
         return indexed_images(root)
     if _tiny_imagenet_root(root):
         return tiny_imagenet(root, split)

@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from ddguide import oracles
 from ddguide.defaults import DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
 from ddguide.errors import UserError
 from ddguide.features import ExtractConfig, extract
-from ddguide.generate import SampleConfig, generate, write_grid
-from ddguide.guidance import head_sampling
+from ddguide.generate import SampleConfig, sample
 from ddguide.heads import TrainHeadConfig, load_head, train_head
 from ddguide.models import load_model
+from ddguide.data import load_image
+from ddguide.samples import read_samples, write_grid
 from ddguide.shapes import ATTRIBUTES, ShapesConfig
 from ddguide.shapes import generate as generate_shapes
 
@@ -83,7 +83,8 @@ def labelled_subset(pool: Path, attribute: str, per_side: int) -> tuple[Path, Pa
 
 
 def _read_images(folder: Path, n: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(folder / f"{k:06d}.png").convert("RGB")) for k in range(n)])
+    """The first ``n`` images a samples folder lists."""
+    return np.stack([load_image(row.path) for row in read_samples(folder)[:n]])
 
 
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
@@ -115,10 +116,10 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
     # 3. unguided and guided samples with the same seeds
     results = {}
     for name, lam in (("unguided", 0.0), ("guided", cfg.lam)):
-        plan = head_sampling([str(head_path)], "1", None, lam, cfg.grad, None, cfg.precision)
         sample_cfg = SampleConfig(out=str(out / name), model=cfg.model, n=cfg.n, steps=cfg.steps, seed=cfg.seed,
-                                  batch=cfg.n, device=cfg.device, precision=cfg.precision)
-        generate(sample_cfg, plan, progress=report(name))
+                                  batch=cfg.n, device=cfg.device, precision=cfg.precision, guides=[str(head_path)],
+                                  target="1", lam=lam, guide_grad=cfg.grad)
+        sample(sample_cfg, progress=report(name))
         images = _read_images(out / name, cfg.n)
         results[name] = (images, float(oracles.predict_attributes(images)[cfg.attribute].mean()))
 

@@ -18,7 +18,6 @@ constant memory (a running mean and scatter matrix).
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +31,12 @@ from scipy import linalg
 from scipy.linalg import lapack
 
 from ddguide import artifacts, inception, models
-from ddguide.data import inside, list_images, load_image, to_tensor
+from ddguide.data import list_images, load_image, to_tensor
 from ddguide.errors import UserError
+from ddguide.samples import INDEX, read_samples
 
 INCEPTION_SPACE = "inception-v3-pool3"
 DEFAULT_FEATURE_TIMESTEP = 100
-INDEX_FILE = "index.csv"
 Progress = Callable[[str, int, int], None]  # (label, done, total)
 
 
@@ -391,7 +390,7 @@ def resolve_source(path: str | os.PathLike) -> Source:
     if not p.exists():
         raise UserError(f"{p}: no such file or folder")
     if p.is_dir():
-        index = p / INDEX_FILE
+        index = p / INDEX
         files = read_index(index) if index.is_file() else list_images(p)
         return Source(str(p), files=files)
     if p.suffix.lower() == ".csv":
@@ -404,20 +403,7 @@ def resolve_source(path: str | os.PathLike) -> Source:
 
 def read_index(index: Path) -> list[Path]:
     """The images a sample index lists (its ``file`` column, relative to the index's folder)."""
-    try:
-        with open(index, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "file" not in reader.fieldnames:
-                raise UserError(f"{index}: sample index without a 'file' column")
-            files = [inside(index.parent, row["file"], index) for row in reader if row.get("file")]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{index}: unreadable sample index ({e.__class__.__name__})") from None
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise UserError(f"{index}: lists {len(missing)} missing file(s), e.g. {missing[0]}")
-    if not files:
-        raise UserError(f"{index}: lists no images")
-    return files
+    return [row.path for row in read_samples(index)]
 
 
 # --- the stage ------------------------------------------------------------------------------------

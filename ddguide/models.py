@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ddguide import artifacts
-from ddguide.diffusion import DiffusionConfig, alphas_cumprod
+from ddguide.diffusion import DiffusionConfig, alphas_cumprod, split_output
 from ddguide.errors import UserError
 from ddguide.unet import UNetConfig, UNetModel
 
@@ -284,3 +284,24 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
             yield
         return
     raise UserError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
+
+
+def denoiser(model: Model, labels: torch.Tensor | None = None, *, precision: str = "fp32") -> "LabelledDenoiser":
+    """The base denoiser of a model: ``denoise(x_t, t, y=None) -> Prediction``, the only place that runs the
+    network under autocast and splits its learned-variance channels. ``labels`` are the default class labels of
+    a class-conditional model (``y`` overrides them for one call); gradients are left to the caller (the samplers
+    run without them, guidance turns them on)."""
+    from ddguide.sampling import Prediction
+
+    default = None if labels is None else labels.to(model.device)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Prediction:
+        y = default[: len(x)] if y is None and default is not None else y
+        with autocast(x.device, precision):
+            out = model(x, t, y).float()
+        return Prediction(*split_output(out, x.shape[1]))
+
+    return denoise
+
+
+LabelledDenoiser = Any  # Callable[[Tensor, Tensor, Tensor | None], Prediction]

@@ -43,7 +43,7 @@ def test_filter_keeps_what_passes_the_threshold(setup, tiny_model_path, tmp_path
 def test_filter_bad_input(setup, tiny_model_path, tmp_path, monkeypatch):
     import torch
 
-    from ddguide.filter import Rejector
+    from ddguide.rejection import Rejector
 
     base = ("filter", setup / "samples", "--head", setup / "rej.safetensors", "--model", tiny_model_path,
             "--out", tmp_path / "kept", "--device", "cpu")

@@ -12,7 +12,8 @@ from PIL import Image
 from ddguide import artifacts
 from ddguide.data import class_folders, labelled_images, tiny_imagenet
 from ddguide.finetune import FinetuneConfig, conditional_net, drop_labels, finetune
-from ddguide.guidance import classifier_free, conditional
+from ddguide.guidance import Guide, classifier_free, conditional, head_guidance
+from ddguide.models import denoiser
 from ddguide.models import load_model
 
 from conftest import build_tiny
@@ -170,11 +171,29 @@ def test_cfg_with_w_0_is_the_conditional_model_and_leaves_labels_alone(cond_path
     labels = torch.tensor([0, 1])
     before = labels.clone()
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
-    guided = classifier_free(model, labels, 0.0)(x, t)
-    assert torch.allclose(guided, conditional(model, labels)(x, t), atol=1e-6)
+    base, null = denoiser(model), model.net.cfg.num_classes - 1
+    guided = classifier_free(base, labels, null, 0.0)(x, t).eps
+    assert torch.allclose(guided, conditional(base, labels)(x, t).eps, atol=1e-6)
     assert torch.equal(labels, before)
-    classifier_free(model, labels, 0.5)(x, t)
+    classifier_free(base, labels, null, 0.5)(x, t)
     assert torch.equal(labels, before)
+
+
+def test_cfg_under_guidance_with_lambda_0_is_cfg(cond_path, tmp_path):
+    """Guidance wraps any denoiser: around CFG with lambda 0 it is CFG itself, and with lambda > 0 it moves eps."""
+    from ddguide.heads import Head, HeadConfig
+
+    model = load_model(cond_path).requires_grad_(False)
+    labels, x = torch.tensor([0, 1]), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    pixel = Head(HeadConfig("pixel", ["0", "1"], None, 3, 16), fingerprint="")  # reads x0_hat's pixels
+    with torch.no_grad():
+        for p in pixel.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    guides = [Guide(pixel.requires_grad_(False), 1.0, 1)]
+    cfg = classifier_free(denoiser(model), labels, model.net.cfg.num_classes - 1, 2.0)
+    assert torch.equal(head_guidance(cfg, model, guides, 0.0, [0, 1])(x, t).eps, cfg(x, t).eps)
+    assert not torch.allclose(head_guidance(cfg, model, guides, 1.0, [0, 1])(x, t).eps, cfg(x, t).eps)
 
 
 # --- bad input: one line, exit 2 -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from PIL import Image
 from ddguide import artifacts
 from ddguide.features import FeatureSpec, compute, load_features
 from ddguide.guidance import Guide, head_guidance, log_likelihood
+from ddguide.models import denoiser
 from ddguide.heads import load_head
 from ddguide.models import load_model, save_model
 
@@ -109,7 +110,7 @@ def test_x0_mode_gradient_is_the_chain_rule(workdir, tiny_model_path):
     guides = [Guide(head, 1.0, 1)]
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 300)
     lam = 0.7
-    eps_hat = head_guidance(model, guides, lam, [0, 1], grad="x0")(x, t)
+    eps_hat = head_guidance(denoiser(model), model, guides, lam, [0, 1], grad="x0")(x, t).eps
     with torch.no_grad():
         eps = model(x, t)
     a = model.abar[300].float()
@@ -123,12 +124,23 @@ def test_full_mode_differentiates_through_the_denoiser(workdir, tiny_model_path)
     model = load_model(tiny_model_path).requires_grad_(False)
     guides = [Guide(load_head(workdir / "h.safetensors"), 1.0, 1)]
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 300)
-    full = head_guidance(model, guides, 1.0, [0, 1], grad="full")(x, t)
-    x0 = head_guidance(model, guides, 1.0, [0, 1], grad="x0")(x, t)
-    plain = head_guidance(model, guides, 0.0, [0, 1])(x, t)
+    base = denoiser(model)
+    full = head_guidance(base, model, guides, 1.0, [0, 1], grad="full")(x, t).eps
+    x0 = head_guidance(base, model, guides, 1.0, [0, 1], grad="x0")(x, t).eps
+    plain = head_guidance(base, model, guides, 0.0, [0, 1])(x, t).eps
     assert not torch.allclose(full, x0) and not torch.allclose(full, plain)
-    outside = head_guidance(model, guides, 5.0, [0, 1], window=(200, 0))(x, t)  # t=300 outside the window
+    outside = head_guidance(base, model, guides, 5.0, [0, 1], window=(200, 0))(x, t).eps  # t=300 outside the window
     assert torch.allclose(outside, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", ["full", "x0"])
+def test_guidance_with_lambda_0_is_its_inner_denoiser(workdir, tiny_model_path, grad):
+    model = load_model(tiny_model_path).requires_grad_(False)
+    guides = [Guide(load_head(workdir / "h.safetensors"), 1.0, 1)]
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.full((2,), 300)
+    base = denoiser(model)
+    inner = lambda x_, t_: base(x_, t_)  # noqa: E731
+    assert torch.equal(head_guidance(inner, model, guides, 0.0, [0, 1], grad=grad)(x, t).eps, inner(x, t).eps)
 
 
 def test_guided_sampling_raises_the_head_probability(workdir, tiny_model_path, tmp_path):

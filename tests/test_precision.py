@@ -12,8 +12,7 @@ from ddguide import models, oracles
 from ddguide.cli import app
 from ddguide.demo import DemoConfig, _read_images, run_demo
 from ddguide.errors import UserError
-from ddguide.generate import SampleConfig, generate
-from ddguide.guidance import head_sampling
+from ddguide.generate import SampleConfig, sample
 
 CPU = torch.device("cpu")
 # bf16 against fp32, the same seeds, 8 guided DDIM samples of 10 steps on the shipped model: the mean absolute
@@ -66,10 +65,9 @@ def test_bf16_guided_samples_stay_close_to_fp32(tmp_path):
     cfg = DemoConfig(out="")
     images, shares = {}, {}
     for precision in ("fp32", "bf16"):
-        plan = head_sampling([str(tmp_path / "demo" / "head.safetensors")], "1", None, cfg.lam, cfg.grad, None,
-                             precision)
-        generate(SampleConfig(out=str(tmp_path / precision), n=8, steps=10, seed=0, batch=8, device="cpu",
-                              precision=precision), plan)
+        sample(SampleConfig(out=str(tmp_path / precision), n=8, steps=10, seed=0, batch=8, device="cpu",
+                            precision=precision, guides=[str(tmp_path / "demo" / "head.safetensors")], target="1",
+                            lam=cfg.lam, guide_grad=cfg.grad))
         images[precision] = _read_images(tmp_path / precision, 8)
         shares[precision] = float(oracles.predict_attributes(images[precision])[demo.attribute].mean())
     mae = np.abs(images["fp32"].astype(np.float64) - images["bf16"]).mean()

@@ -59,3 +59,34 @@ def test_image_k_does_not_depend_on_batch_size():
 
 def test_seeds_give_different_images():
     assert not torch.allclose(_draw(sample_ddim, 4, seed=0), _draw(sample_ddim, 4, seed=100))
+
+
+def test_a_step_hook_can_move_chains_with_their_generators():
+    """The hook a particle sampler uses: swapping two chains (state and noise generator) after the first step
+    gives the same two images, swapped — so resampling between steps needs no second loop."""
+    abar = alphas_cumprod(DiffusionConfig(schedule="cosine"))
+    kept = space_timesteps(1000, "20")
+
+    def run(hook=None):
+        gens = image_generators(0, [0, 1])
+        x = per_image_randn(SHAPE, gens, "cpu")
+        return sample_ddpm(gaussian_denoiser(abar), x, kept, abar, generators=gens, clip=False, after_step=hook)
+
+    def swap(i, t, t_prev, chain):
+        if i == 0:
+            chain.x, chain.generators = chain.x.flip(0), chain.generators[::-1]
+
+    plain, swapped = run(), run(swap)
+    assert torch.allclose(swapped, plain.flip(0), atol=1e-6) and not torch.allclose(plain[0], plain[1])
+
+
+def test_a_denoiser_may_return_a_prediction_or_the_raw_output():
+    from ddguide.sampling import Prediction
+
+    abar = alphas_cumprod(DiffusionConfig(schedule="cosine"))
+    kept = space_timesteps(1000, "ddim10")
+    raw = gaussian_denoiser(abar)
+    x = per_image_randn(SHAPE, image_generators(0, [0, 1]), "cpu")
+    a = sample_ddim(raw, x, kept, abar, clip=False)
+    b = sample_ddim(lambda x_, t_: Prediction(raw(x_, t_)), x, kept, abar, clip=False)
+    assert torch.equal(a, b)
