@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py [--preset shapes32] [--batch 64] [--steps 20] [--threads 2] [--device cpu]
 
-All runs go through ``ddguide.train.fit`` (the loop of ``ddguide train``) from the same initial weights on
+All runs go through ``ddguide.training.fit`` (the loop of ``ddguide train``) from the same initial weights on
 random images: eager with bf16 autocast (``train``'s default), eager fp32, and compiled fp32 (on the CPU
 ``--compile`` is refused with bf16, whose compiled backward loses gradients; on CUDA compiled bf16 is timed too).
 The first step of each run is reported apart: for the compiled run it holds the one-off compilation. Ratios
@@ -22,13 +22,8 @@ from pathlib import Path
 import torch
 
 from ddguide.models import resolve_device
-from ddguide.train import Recipe, _ema_update, fit
+from ddguide.training import Recipe, ema_update, fit
 from ddguide.unet import UNetModel, get_preset
-
-
-class _Key:
-    def identity(self) -> dict:
-        return {"benchmark": "train_speed"}
 
 
 def step_times(preset: str, batch: int, steps: int, compile_: bool, precision: str,
@@ -38,11 +33,13 @@ def step_times(preset: str, batch: int, steps: int, compile_: bool, precision: s
     net = UNetModel(p.unet).to(device)
     size = p.unet.image_size
     images = torch.randint(0, 256, (256, size, size, 3), dtype=torch.uint8)
-    recipe = Recipe(steps, batch, 2e-4, 0, 0.999, 1.0, precision, steps + 1, compile=compile_)
+    recipe = Recipe(steps=steps, batch=batch, lr=2e-4, warmup=0, precision=precision, checkpoint_every=steps + 1,
+                    compile=compile_)
     stamps = [time.perf_counter()]
     with tempfile.TemporaryDirectory() as tmp:
-        fit(net, p.diffusion, recipe, Path(tmp) / "ckpt.safetensors", _Key(), torch.Generator().manual_seed(0),
-            lambda: (images, None), device, lambda done, total, info: stamps.append(time.perf_counter()))
+        fit(net, p.diffusion, recipe, Path(tmp) / "ckpt.safetensors", {"benchmark": "train_speed"},
+            torch.Generator().manual_seed(0), lambda: (images, None), device,
+            lambda done, total, info: stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -68,7 +65,7 @@ def ema_times(preset: str, device: torch.device, rounds: int = 50) -> tuple[floa
         for step in range(rounds):
             for p in net.parameters():
                 p.add_(torch.randn_like(p), alpha=1e-3)  # weights that move, as in training
-            for name, fn, ema in (("loop", _ema_per_tensor, loop), ("fused", _ema_update, fused)):
+            for name, fn, ema in (("loop", _ema_per_tensor, loop), ("fused", ema_update, fused)):
                 sync()
                 start = time.perf_counter()
                 fn(ema, net, 0.999, step)

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from ddguide import artifacts
+from ddguide.checkpoint import RunState, checkpoint_path, restore_checkpoint, save_checkpoint
 from ddguide.data import labelled_images, load_images, open_image, to_tensor
 from ddguide.errors import UserError
-from ddguide.models import autocast, resolve_device
+from ddguide.models import autocast
 from ddguide.resnet import ARCHITECTURES, ResNet, build
-from ddguide.train import _restore, _save_checkpoint, _State, check_finite_loss, checkpoint_path
+from ddguide.training import check_finite_loss, run_identity, setup_device
 
 Progress = Callable[[int, int, str], None]
 STEMS = ("auto", "small", "imagenet")
@@ -66,20 +67,8 @@ class CasConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree with to be resumed (not the epoch count, device or precision)."""
-        keep = ("train", "test", "arch", "batch", "lr", "milestones", "mixup_cutmix", "stem", "image_size",
-                "resize", "seed")
-        return {k: v for k, v in asdict(self).items() if k in keep}
-
-
-@dataclass
-class _RunKey:
-    """What a checkpoint must match: the options and the classifier's classes."""
-
-    cfg: CasConfig
-    classes: list[str]
-
-    def identity(self) -> dict[str, Any]:
-        return {**self.cfg.identity(), "classes": self.classes}
+        return run_identity(self, ("train", "test", "arch", "batch", "lr", "milestones", "mixup_cutmix", "stem",
+                                   "image_size", "resize", "seed"))
 
 
 @dataclass
@@ -211,9 +200,7 @@ def scores(top: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> tuple
 def cas(cfg: CasConfig, progress: Progress | None = None) -> CasResult:
     """Train the classifier on ``cfg.train`` (or resume), test it on ``cfg.test``, write the report."""
     cfg.validate()
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = setup_device(cfg.device, cfg.threads)
 
     # 1. the sets: class names matched across folders; the test images fix the input size
     train_sets = [labelled_images(folder) for folder in cfg.train]
@@ -226,10 +213,10 @@ def cas(cfg: CasConfig, progress: Progress | None = None) -> CasResult:
     net = _new_classifier(cfg, len(classes), size).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    state = _State()  # step counts finished epochs, losses holds one mean loss per epoch
-    key, ckpt = _RunKey(cfg, classes), checkpoint_path(cfg.out)
+    state = RunState()  # step counts finished epochs, losses holds one mean loss per epoch
+    identity, ckpt = {**cfg.identity(), "classes": classes}, checkpoint_path(cfg.out)  # a classifier has no EMA
     if ckpt.exists():
-        _restore(ckpt, key, net, {}, opt, gen, state, device)
+        restore_checkpoint(ckpt, identity, net, None, opt, gen, state, device)
 
     # 3. every image in memory at the classifier's size, read after the checks above
     read = (lambda done, total: progress(done, total, "reading images")) if progress else None
@@ -271,7 +258,7 @@ def cas(cfg: CasConfig, progress: Progress | None = None) -> CasResult:
                 t_last = now
         state.step += 1
         state.losses.append(float(np.mean(losses)))
-        _save_checkpoint(ckpt, key, net, {}, opt, gen, state)
+        save_checkpoint(ckpt, identity, net, None, opt, gen, state)
 
     # 5. test on the real set and write the report
     k = min(5, len(classes))

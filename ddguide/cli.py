@@ -25,6 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddguide.cli_options import (BatchOpt, CasSeedOpt, CheckpointEveryOpt, CompileOpt, DeviceOpt, EmaOpt,
+                                 FinetuneSeedOpt, GradClipOpt, LrOpt, PrecisionOpt, StepsOpt, ThreadsOpt,
+                                 TrainSeedOpt)
 from ddguide.cliargs import ListCommand
 from ddguide.defaults import DEFAULT_BLOCKS_RULE, DEFAULT_TIMESTEPS, DEMO_GRAD, DEMO_LAMBDA
 from ddguide.errors import UserError
@@ -84,13 +87,6 @@ class _SafeConsole(Console):
 console = _SafeConsole(stderr=True, markup=False)
 out_console = _SafeConsole(markup=False)
 
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[str, typer.Option(help=(
-    "auto, fp32, or bf16 autocast (on a 2-core avx512_bf16 CPU: 1.9x the fp32 U-Net speed of a 121M-parameter "
-    "model, 1.6x the shapes32 training step; benchmarks/unet_speed.py, benchmarks/train_speed.py). auto: bf16 "
-    "where the device has fast bf16 (CUDA with bf16, a CPU with avx512_bf16 or AMX) and not --compile on the "
-    "CPU, else fp32; the choice is printed."))]
-
 
 def _precision(precision: str, device: str, compile: bool = False) -> str:
     """--precision with auto resolved for the device the command runs on; which one ran is said on stderr
@@ -103,10 +99,6 @@ def _precision(precision: str, device: str, compile: bool = False) -> str:
     _run.precision_note = describe_precision(precision, dev, compile=compile)
     return resolve_precision(precision, dev, compile=compile)
 ModelOpt = Annotated[Optional[Path], typer.Option(help="Model artifact (default: the model shipped with ddguide).")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help=(
-    "Run the steps through torch.compile (a one-off compilation of a few minutes), meant for CUDA. On the CPU "
-    "only with --precision fp32 (compiled bf16 training loses gradients there), which is slower than eager bf16. "
-    "A run may resume with or without it."))]
 
 
 class _Run:
@@ -473,20 +465,20 @@ def train(
     data: Annotated[Path, typer.Argument(help="Image folder (flat or class sub-folders).")],
     out: Annotated[Path, typer.Option(help="Model artifact to write; a checkpoint is kept beside it.")],
     preset: Annotated[str, typer.Option(help="Architecture preset.")] = "shapes32",
-    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 20000,
-    batch: Annotated[int, typer.Option(help="Images per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    steps: StepsOpt = 20000,
+    batch: BatchOpt = 64,
+    lr: LrOpt = 2e-4,
     lr_final: Annotated[Optional[float], typer.Option(
         help="Decay the learning rate along a half cosine to this by the last step (default: constant). "
              "The run is then tied to --steps.")] = None,
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights that are shipped.")] = 0.999,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
+    ema: EmaOpt = 0.999,
+    grad_clip: GradClipOpt = 1.0,
     schedule: Annotated[Optional[str], typer.Option(help="linear or cosine (default: the preset's).")] = None,
     precision: PrecisionOpt = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, batches and noise.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
+    seed: TrainSeedOpt = 0,
+    checkpoint_every: CheckpointEveryOpt = 250,
     resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    threads: ThreadsOpt = None,
     init: Annotated[Optional[Path], typer.Option(
         help="Start from this model artifact's weights (same preset), e.g. to train the shipped model "
              "further.")] = None,
@@ -502,13 +494,13 @@ def train(
 
     Rerunning with a smaller --steps than the checkpoint has reached writes the model from that checkpoint."""
     from ddguide.models import is_main_process
-    from ddguide.train import TrainConfig, train as run
+    from ddguide.train import TrainConfig, train as run, train_recipe
 
-    precision = _precision(precision, device, compile_)
-    cfg = TrainConfig(data=str(data), out=str(out), preset=preset, steps=steps, batch=batch, lr=lr, ema_decay=ema,
-                      grad_clip=grad_clip, lr_final=lr_final, schedule=schedule, precision=precision, seed=seed,
-                      checkpoint_every=checkpoint_every, resize=resize, device=device, threads=threads,
-                      init=str(init) if init else None, compile=compile_, p2_gamma=p2_gamma, p2_k=p2_k)
+    recipe = train_recipe(steps=steps, batch=batch, lr=lr, lr_final=lr_final, ema_decay=ema, grad_clip=grad_clip,
+                          precision=_precision(precision, device, compile_), seed=seed,
+                          checkpoint_every=checkpoint_every, compile=compile_, p2_gamma=p2_gamma, p2_k=p2_k)
+    cfg = TrainConfig(data=str(data), out=str(out), preset=preset, recipe=recipe, schedule=schedule,
+                      init=str(init) if init else None, resize=resize, threads=threads, device=device)
     with progress_bar("training") as bar:
         path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 wrote the model
@@ -809,33 +801,33 @@ def finetune(
              "root or a samples folder whose index.csv has a class column.")],
     out: Annotated[Path, typer.Option(help="Class-conditional model to write; a checkpoint is kept beside it.")],
     model: ModelOpt = None,
-    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 10000,
-    batch: Annotated[int, typer.Option(help="Images per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    steps: StepsOpt = 10000,
+    batch: BatchOpt = 64,
+    lr: LrOpt = 1e-4,
     label_dropout: Annotated[float, typer.Option(
         help="Probability that a label is replaced by the null class (keeps the model unconditional too, "
              "for classifier-free guidance).")] = 0.1,
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights that are shipped.")] = 0.999,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
+    ema: EmaOpt = 0.999,
+    grad_clip: GradClipOpt = 1.0,
     precision: PrecisionOpt = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of the class embedding, batches, label dropout and noise.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
+    seed: FinetuneSeedOpt = 0,
+    checkpoint_every: CheckpointEveryOpt = 250,
     resize: Annotated[str, typer.Option(
         help="Images of another size than the model's: refuse, resize or center-crop.")] = "refuse",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    threads: ThreadsOpt = None,
     compile_: CompileOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune an unconditional model into a class-conditional one (label dropout, for --cfg sampling);
     rerun the same command to resume after a stop."""
-    from ddguide.finetune import FinetuneConfig, finetune as run
+    from ddguide.finetune import FinetuneConfig, finetune as run, finetune_recipe
     from ddguide.models import is_main_process
 
-    precision = _precision(precision, device, compile_)
-    cfg = FinetuneConfig(data=str(data), out=str(out), model=str(model) if model else None, steps=steps,
-                         batch=batch, lr=lr, label_dropout=label_dropout, ema_decay=ema, grad_clip=grad_clip,
-                         precision=precision, seed=seed, checkpoint_every=checkpoint_every, device=device,
-                         resize=resize, threads=threads, compile=compile_)
+    recipe = finetune_recipe(steps=steps, batch=batch, lr=lr, ema_decay=ema, grad_clip=grad_clip,
+                             precision=_precision(precision, device, compile_), seed=seed,
+                             checkpoint_every=checkpoint_every, compile=compile_)
+    cfg = FinetuneConfig(data=str(data), out=str(out), model=str(model) if model else None, recipe=recipe,
+                         label_dropout=label_dropout, resize=resize, threads=threads, device=device)
     with progress_bar("fine-tuning") as bar:
         path = run(cfg, progress=bar.update)
     if is_main_process():
@@ -859,8 +851,8 @@ def cas_command(
     arch: Annotated[str, typer.Option(
         help="resnet18, resnet34, resnet50, wide_resnet50_2 or resnext50_32x4d.")] = "resnet18",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
-    batch: Annotated[int, typer.Option(help="Images per step.")] = 256,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    batch: BatchOpt = 256,
+    lr: LrOpt = 1e-3,
     milestones: Annotated[tuple[int, int], typer.Option(
         help="The two epochs at which the learning rate is multiplied by 0.1, e.g. --milestones 20 30.")] = (20, 30),
     mixup_cutmix: Annotated[float, typer.Option(
@@ -874,8 +866,8 @@ def cas_command(
         help="Classifier input side (default: the test images' side).")] = None,
     resize: Annotated[str, typer.Option(
         help="Images of another size: refuse, resize or center-crop.")] = "refuse",
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 0,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    seed: CasSeedOpt = 0,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
 ) -> None:

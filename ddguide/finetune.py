@@ -13,70 +13,60 @@ weights, Adam's state, the generator state and the loss history, and rerunning t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ddguide.checkpoint import checkpoint_path
 from ddguide.data import labelled_images, load_images
 from ddguide.errors import UserError
-from ddguide.models import Model, is_main_process, load_model, resolve_device, save_model
-from ddguide.train import Labels, Progress, Recipe, checkpoint_path, fit, write_loss_curve
+from ddguide.models import Model, load_model
+from ddguide.training import Labels, Progress, Recipe, fit, flat_config, run_identity, setup_device, write_model
 from ddguide.unet import UNetModel
+
+FINETUNE_RECIPE = Recipe(steps=10000, lr=1e-4, warmup=0)  # `ddguide finetune`'s defaults
+
+
+def finetune_recipe(**overrides: Any) -> Recipe:
+    """``finetune``'s default recipe with ``overrides`` (any :class:`Recipe` field)."""
+    return dataclasses.replace(FINETUNE_RECIPE, **overrides)
+
 
 @dataclass
 class FinetuneConfig:
     data: str
     out: str
     model: str | None = None  # None: the model shipped with ddguide
-    steps: int = 10000
-    batch: int = 64
-    lr: float = 1e-4
+    recipe: Recipe = field(default_factory=finetune_recipe)
     label_dropout: float = 0.1
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    precision: str = "bf16"
-    seed: int = 0
-    checkpoint_every: int = 250
-    device: str = "auto"
     resize: str = "refuse"
     threads: int | None = None
-    compile: bool = False  # torch.compile the network for the optimisation steps (not part of identity)
+    device: str = "auto"
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch < 1 or self.checkpoint_every < 1:
-            raise UserError("--steps, --batch and --checkpoint-every must be >= 1")
+        self.recipe.validate()
         if not 0.0 <= self.label_dropout < 1.0:
             raise UserError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
 
     def identity(self) -> dict[str, Any]:
-        """The options a checkpoint must agree with to be resumed (not the step count, device or precision)."""
-        keep = ("data", "batch", "lr", "label_dropout", "ema_decay", "grad_clip", "seed", "resize")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        """The options a checkpoint must agree with to be resumed (not the step count, device or precision,
+        unless a recipe option that is off by default ties the run to them)."""
+        keep = ["data", "batch", "lr", "label_dropout", "ema_decay", "grad_clip", "seed", "resize"]
+        keep += (["warmup"] if self.recipe.warmup else []) + self.recipe.optional_keys()
+        return run_identity(self, keep)
 
 
-@dataclass
-class _RunKey:
-    """What a checkpoint must match: the options, the unconditional model's fingerprint (not its path) and the
-    class names."""
-
-    cfg: FinetuneConfig
-    base: str
-    classes: list[str]
-
-    def identity(self) -> dict[str, Any]:
-        return {**self.cfg.identity(), "finetuned_from": self.base, "classes": self.classes}
-
-
-def conditional_net(base: Model, num_classes: int, generator: torch.Generator) -> UNetModel:
+def conditional_net(base: Model, num_classes: int, generator: torch.Generator, name: str = "the model") -> UNetModel:
     """The unconditional network with a new class embedding of ``num_classes + 1`` rows (the last is null).
 
     Every other weight is copied from ``base``; the embedding is drawn from N(0, 1), ``nn.Embedding``'s own
-    initialisation, which guided-diffusion's class-conditional models start from.
+    initialisation, which guided-diffusion's class-conditional models start from. A ``base`` that is already
+    class-conditional is refused naming it as ``name``.
     """
     if base.net.cfg.num_classes is not None:
-        raise UserError("the model is already class-conditional; fine-tune an unconditional model")
+        raise UserError(f"{name}: already class-conditional; fine-tune an unconditional model")
     net = UNetModel(dataclasses.replace(base.net.cfg, num_classes=num_classes + 1))
     missing, unexpected = net.load_state_dict(base.net.state_dict(), strict=False)
     assert missing == ["label_emb.weight"] and not unexpected, (missing, unexpected)
@@ -95,20 +85,15 @@ def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Gene
 def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> Path:
     """Fine-tune (or resume) and write the EMA weights as a class-conditional ``model`` artifact at ``cfg.out``."""
     cfg.validate()
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = setup_device(cfg.device, cfg.threads)
     base = load_model(cfg.model, "cpu")
-    if base.net.cfg.num_classes is not None:
-        raise UserError(f"{cfg.model or 'the shipped model'}: already class-conditional; "
-                        "fine-tune an unconditional model")
     files, labels_list, names = labelled_images(cfg.data)
     if len(names) < 2:
         raise UserError(f"{cfg.data}: only one class ({names[0]}); class-conditional fine-tuning needs two or more")
 
     # the unconditional weights with a new class embedding; each batch's labels dropped to null with probability p
-    gen = torch.Generator().manual_seed(cfg.seed)
-    net = conditional_net(base, len(names), gen).to(device)
+    gen = torch.Generator().manual_seed(cfg.recipe.seed)
+    net = conditional_net(base, len(names), gen, cfg.model or "the shipped model").to(device)
     null = len(names)  # the last embedding row
 
     def read() -> tuple[torch.Tensor, Labels]:
@@ -117,16 +102,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> Path:
         labels = torch.tensor(labels_list, dtype=torch.long)  # (N,)
         return images, lambda idx, g: drop_labels(labels[idx], cfg.label_dropout, null, g)
 
-    recipe = Recipe(cfg.steps, cfg.batch, cfg.lr, 0, cfg.ema_decay, cfg.grad_clip, cfg.precision,
-                    cfg.checkpoint_every, compile=cfg.compile)
-    ema, state = fit(net, base.diffusion, recipe, checkpoint_path(cfg.out), _RunKey(cfg, base.fingerprint, names),
-                     gen, read, device, progress)
-
-    # the artifact (written once, by rank 0 under torchrun): EMA weights, class names and the model's origin
-    if not is_main_process():
-        return Path(cfg.out)
-    model = Model(UNetModel(net.cfg), base.diffusion, classes=names,
-                  info={"finetuned_from": base.fingerprint, "finetune": asdict(cfg), "trained_steps": state.step})
-    save_model(cfg.out, model, state_dict=ema)
-    write_loss_curve(Path(cfg.out).with_suffix(".loss.png"), state.losses)
-    return Path(cfg.out)
+    # what a checkpoint must match: the options, the unconditional model's fingerprint (not its path), the classes
+    identity = {**cfg.identity(), "finetuned_from": base.fingerprint, "classes": names}
+    ema, state = fit(net, base.diffusion, cfg.recipe, checkpoint_path(cfg.out), identity, gen, read, device, progress)
+    info = {"finetuned_from": base.fingerprint, "finetune": flat_config(cfg)}
+    return write_model(cfg.out, net.cfg, base.diffusion, ema, state, info, classes=names)

@@ -336,11 +336,12 @@ def world(tmp_path_factory, tiny_model_path):
                               kind="fid-stats", config={"features": {"kind": "denoiser"}, "n": 5}, fingerprint=""))
 
     # a training checkpoint without its loss history (a run of `train` resumes from it)
-    from ddguide.train import TrainConfig, checkpoint_path, train
+    from ddguide.checkpoint import checkpoint_path
+    from ddguide.train import TrainConfig, train, train_recipe
 
     tdir = root / "trained"
-    cfg = TrainConfig(data=str(data / "images"), out=str(tdir / "m.safetensors"), preset="tiny", steps=1, batch=2,
-                      precision="fp32", device="cpu", checkpoint_every=1)
+    cfg = TrainConfig(data=str(data / "images"), out=str(tdir / "m.safetensors"), preset="tiny", device="cpu",
+                      recipe=train_recipe(steps=1, batch=2, precision="fp32", checkpoint_every=1))
     train(cfg)
     ck = checkpoint_path(cfg.out)
     nolosses = root / "nolosses"

@@ -117,6 +117,7 @@ def test_resume_after_a_kill_gives_the_same_classifier(sets, tmp_path):
     assert resumed.epoch_losses[1] == whole.epoch_losses[1] and resumed.per_class == whole.per_class
     a, b = (artifacts.load(tmp_path / f"{x}.ckpt.safetensors", "checkpoint").tensors for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "adam.")))
+    assert not any(k.startswith("ema.") for k in b)  # a classifier's checkpoint is saved with ema=None
 
 
 def test_samples_folders_are_matched_by_class_name(sets, tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ddguide import artifacts
 from ddguide.data import class_folders, labelled_images, tiny_imagenet
-from ddguide.finetune import FinetuneConfig, conditional_net, drop_labels, finetune
+from ddguide.finetune import FinetuneConfig, conditional_net, drop_labels, finetune, finetune_recipe
 from ddguide.guidance import Guide, classifier_free, conditional, head_guidance
 from ddguide.models import denoiser
 from ddguide.models import load_model
@@ -41,8 +41,8 @@ def two_classes(tmp_path_factory) -> Path:
 
 
 def config(data: Path, model: Path, out: Path, **kw) -> FinetuneConfig:
-    base = dict(steps=4, batch=4, precision="fp32", device="cpu", checkpoint_every=2)
-    return FinetuneConfig(data=str(data), out=str(out), model=str(model), **{**base, **kw})
+    recipe = finetune_recipe(**{**dict(steps=4, batch=4, precision="fp32", checkpoint_every=2), **kw})
+    return FinetuneConfig(data=str(data), out=str(out), model=str(model), recipe=recipe, device="cpu")
 
 
 @pytest.fixture(scope="module")

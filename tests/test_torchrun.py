@@ -9,7 +9,7 @@ from PIL import Image
 
 from ddguide import artifacts
 from ddguide.features import ExtractConfig, extract
-from ddguide.train import checkpoint_path
+from ddguide.checkpoint import checkpoint_path
 
 from conftest import torchrun
 
@@ -33,25 +33,22 @@ from pathlib import Path
 from ddguide import artifacts
 from ddguide.diffusion import DiffusionConfig
 from ddguide.models import process_shard
-from ddguide.train import Recipe, TrainConfig, fit, train
+from ddguide.train import TrainConfig, train, train_recipe
+from ddguide.training import Recipe, fit
 from ddguide.unet import PRESETS, UNetModel
 
 images, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(1)
-train(TrainConfig(data=images, out=out, preset="tiny", steps=steps, batch=4, checkpoint_every=2,
-                  precision="fp32", device="cpu"))
-
-class Key:
-    def identity(self):
-        return {"probe": 1}
+train(TrainConfig(data=images, out=out, preset="tiny", device="cpu",
+                  recipe=train_recipe(steps=steps, batch=4, checkpoint_every=2, precision="fp32")))
 
 torch.manual_seed(0)
 net = UNetModel(PRESETS["tiny"].unet)
 pixels = torch.randint(0, 255, (6, 16, 16, 3), dtype=torch.uint8)
 recipe = Recipe(steps=3, batch=4, lr=1e-3, warmup=0, ema_decay=0.9, grad_clip=1.0, precision="fp32",
                 checkpoint_every=3)
-fit(net, DiffusionConfig(1000, "linear"), recipe, Path(out + ".probe.ckpt"), Key(), torch.Generator().manual_seed(0),
-    lambda: (pixels, None), torch.device("cpu"))
+fit(net, DiffusionConfig(1000, "linear"), recipe, Path(out + ".probe.ckpt"), {"probe": 1},
+    torch.Generator().manual_seed(0), lambda: (pixels, None), torch.device("cpu"))
 artifacts.save(f"{out}.rank{process_shard()[0]}", dict(net.state_dict()), kind="checkpoint", config={},
                fingerprint="")
 """

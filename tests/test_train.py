@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from ddguide import artifacts
 from ddguide.cli import app
-from ddguide.train import Recipe, TrainConfig, checkpoint_path, cpp_compiler_found, train
+from ddguide.checkpoint import checkpoint_path
+from ddguide.train import TrainConfig, train, train_recipe
+from ddguide.training import Recipe, cpp_compiler_found
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,9 @@ def images(tmp_path_factory):
     return folder
 
 
-def cfg(images, out, steps=6, **kw):
-    return TrainConfig(data=str(images), out=str(out), preset="tiny", steps=steps, batch=4, checkpoint_every=2,
-                       precision="fp32", device="cpu", **kw)
+def cfg(images, out, steps=6, init=None, **recipe):
+    return TrainConfig(data=str(images), out=str(out), preset="tiny", init=init, device="cpu",
+                       recipe=train_recipe(steps=steps, batch=4, checkpoint_every=2, precision="fp32", **recipe))
 
 
 def test_training_writes_ema_weights_config_and_loss_curve(images, tmp_path):
