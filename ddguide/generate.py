@@ -308,7 +308,9 @@ def prepare(cfg: SampleConfig) -> Sampling:
     guides = load_guides(cfg)
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device).requires_grad_(False)  # guidance needs input gradients only
-    features = load_model(cfg.guide_model, device).requires_grad_(False) if cfg.guide_model else model
+    features = model
+    if cfg.guide_model or _read_the_shipped_parent(guides, model):
+        features = load_model(cfg.guide_model, device).requires_grad_(False)
     check_guides(guides, features, model)
     wanted = cfg.wanted
     ids = class_ids(model, wanted) if wanted else None
@@ -316,6 +318,18 @@ def prepare(cfg: SampleConfig) -> Sampling:
     if cfg.reject is not None:
         _add_rejector(sampling, cfg.reject, device)
     return sampling
+
+
+def _read_the_shipped_parent(guides: Sequence[Guide], model: Model) -> bool:
+    """Whether the heads read the shipped model's features and ``model`` was fine-tuned from it: then the shipped
+    model is the feature model without a --guide-model (any other parent has to be named)."""
+    from ddguide import artifacts
+    from ddguide.models import default_model_path
+
+    parent = model.info.get("finetuned_from")
+    if not parent or not guides or any(g.head.reads_pixels or g.head.fingerprint != parent for g in guides):
+        return False
+    return artifacts.read_metadata(default_model_path()).get("ddguide.fingerprint") == parent
 
 
 def _add_rejector(sampling: Sampling, spec: RejectSpec, device: torch.device) -> None:

@@ -94,3 +94,30 @@ def test_guidance_classes_and_rejection_in_one_run(files, tmp_path, monkeypatch)
     # batches of 3 cycle a, b, a while both need images; even draws pass; draw 8 passed but a had its quota
     assert [int(r["index"]) for r in rows] == [0, 2, 4, 6, 10, 12]
     assert len(list((tmp_path / "s").glob("0*.png"))) == 6
+
+
+def test_a_model_fine_tuned_from_the_shipped_one_is_guided_by_heads_on_the_shipped_features(tmp_path):
+    """The README's pipeline: `finetune` from the shipped model, a head on the shipped model's features, then
+    `sample --model cond --class C --cfg W --guide HEAD` with no --guide-model."""
+    import dataclasses
+
+    import torch
+
+    from ddguide.models import Model, load_model, save_model
+    from ddguide.shapes import ShapesConfig, generate
+    from ddguide.unet import UNetModel
+
+    shipped = load_model()
+    net = UNetModel(dataclasses.replace(shipped.net.cfg, num_classes=3))
+    net.load_state_dict({**shipped.net.state_dict(), "label_emb.weight": torch.zeros(3, net.label_emb.weight.shape[1])})
+    cond = Model(net, shipped.diffusion, classes=["x", "y"], info={"finetuned_from": shipped.fingerprint})
+    save_model(tmp_path / "cond.safetensors", cond)
+    data = generate(tmp_path / "data", ShapesConfig(n=8, size=32, seed=0))
+    expect_ok(cli("extract", data / "images", "--blocks", "mid", "--timesteps", 300, "--labels",
+                  data / "attributes.csv", "--label", "has_red", "--device", "cpu", "--out", tmp_path / "f.safetensors"))
+    expect_ok(cli("train-head", tmp_path / "f.safetensors", "--steps", 5, "--out", tmp_path / "h.safetensors"))
+    expect_ok(cli("sample", "--model", tmp_path / "cond.safetensors", "--class", "y", "--cfg", 1, "--guide",
+                  tmp_path / "h.safetensors", "--guide-grad", "x0", "-n", 1, "--steps", 2, "--device", "cpu",
+                  "--out", tmp_path / "s"))
+    row = next(csv.DictReader(open(tmp_path / "s" / "index.csv")))
+    assert row["class"] == "y" and row["guidance"].startswith("cfg:1.0+heads:")
