@@ -236,9 +236,12 @@ class UNetModel(nn.Module):
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
+        # every block's output (channels, downsampling), recorded as it is built: the tap vocabulary
+        self._blocks: dict[str, tuple[int, int]] = {}
         ch = int(cfg.channel_mult[0] * mc)
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
+        self._blocks["in.0"] = (ch, ds)
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [res(ch, int(mult * mc))]
@@ -246,14 +249,17 @@ class UNetModel(nn.Module):
                 if ds in attn_ds:
                     layers.append(attn(ch, cfg.num_heads))
                 self.input_blocks.append(EmbedSequential(*layers))
+                self._blocks[f"in.{len(self.input_blocks) - 1}"] = (ch, ds)
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, use_conv=True)
                 self.input_blocks.append(EmbedSequential(down))
                 skip_chans.append(ch)
                 ds *= 2
+                self._blocks[f"in.{len(self.input_blocks) - 1}"] = (ch, ds)
 
         self.middle_block = EmbedSequential(res(ch, ch), attn(ch, cfg.num_heads), res(ch, ch))
+        self._blocks["mid"] = (ch, ds)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -266,9 +272,9 @@ class UNetModel(nn.Module):
                     layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, use_conv=True))
                     ds //= 2
                 self.output_blocks.append(EmbedSequential(*layers))
+                self._blocks[f"out.{len(self.output_blocks) - 1}"] = (ch, ds)
 
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
-        self._block_channels = self._trace_block_channels()
 
     # -- block vocabulary ------------------------------------------------------------------------------------
 
@@ -295,56 +301,27 @@ class UNetModel(nn.Module):
 
     def block_module(self, name: str) -> nn.Module:
         """The module whose output is the tap ``name``."""
-        self._check_blocks([name])
+        self.check_blocks([name])
         modules = [*self.input_blocks, self.middle_block, *self.output_blocks]  # block_names() order
         return modules[self.block_names().index(name)]
 
     def block_channels(self, name: str) -> int:
         """Channels of a tapped block's output."""
-        self._check_blocks([name])
-        return self._block_channels[name]
+        self.check_blocks([name])
+        return self._blocks[name][0]
 
     def block_downsampling(self, name: str) -> int:
         """How many times smaller than the image a block's output is."""
-        self._check_blocks([name])
-        return self._block_ds[name]
+        self.check_blocks([name])
+        return self._blocks[name][1]
 
-    def _check_blocks(self, blocks: Iterable[str]) -> None:
+    def check_blocks(self, blocks: Iterable[str]) -> None:
+        """Refuse block names this network does not have (one line naming the ones it has)."""
         valid = self.block_names()
         for b in blocks:
             if b not in valid:
                 raise UserError(f"unknown block {b!r}; this model has in.0..in.{len(self.input_blocks) - 1}, "
                                 f"mid, out.0..out.{len(self.output_blocks) - 1}")
-
-    def _trace_block_channels(self) -> dict[str, int]:
-        """Channels (returned) and downsampling (kept in ``_block_ds``) of every block's output, following the
-        constructor's arithmetic."""
-        cfg, ds = self.cfg, 1
-        names = iter(self.block_names())
-        chans: dict[str, int] = {}
-        self._block_ds: dict[str, int] = {}
-
-        def record(ch: int) -> None:
-            name = next(names)
-            chans[name], self._block_ds[name] = ch, ds
-
-        ch = int(cfg.channel_mult[0] * cfg.model_channels)
-        record(ch)  # in.0: the stem conv
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                ch = int(mult * cfg.model_channels)
-                record(ch)
-            if level != len(cfg.channel_mult) - 1:
-                ds *= 2
-                record(ch)
-        record(ch)  # mid
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                ch = int(mult * cfg.model_channels)
-                if level and i == cfg.num_res_blocks:
-                    ds //= 2
-                record(ch)
-        return chans
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -373,7 +350,7 @@ class UNetModel(nn.Module):
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Outputs of the named blocks for input ``x`` at model time ``t``, stopping after the deepest one."""
         wanted = list(dict.fromkeys(blocks))
-        self._check_blocks(wanted)
+        self.check_blocks(wanted)
         order = self.block_names()
         last = max(order.index(b) for b in wanted)
         emb = self.embed(t, y)
