@@ -61,7 +61,7 @@ class FeatureSpec:
     def check(self, model: Model) -> None:
         if not self.blocks or not self.timesteps:
             raise UserError("give at least one block and one timestep")
-        model.net._check_blocks(self.blocks)
+        model.net.check_blocks(self.blocks)
         for t in self.timesteps:
             if not 0 <= t < model.diffusion.steps:
                 raise UserError(f"feature timestep {t} is outside the model's 0..{model.diffusion.steps - 1}")
