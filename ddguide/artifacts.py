@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -98,12 +98,33 @@ def save(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
     *,
-    kind: str,
-    config: dict[str, Any],
+    kind: str | None = None,
+    config: "dict[str, Any] | ArtifactMeta",
     fingerprint: str,
     extra: dict[str, str] | None = None,
 ) -> Path:
-    """Write a safetensors artifact atomically. ``extra`` holds further string metadata."""
+    """Write a safetensors artifact atomically. ``config`` is a JSON object or a typed ``*Meta`` (whose kind is
+    then the default); ``extra`` holds further string metadata."""
+    kind, config = _kind_and_config(kind, config)
+    meta = _metadata(kind, config, fingerprint, extra)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save_bytes(flat, metadata=meta)
+    return atomic_write_bytes(path, data)
+
+
+def _kind_and_config(kind: str | None, config: "dict[str, Any] | ArtifactMeta") -> tuple[str, dict[str, Any]]:
+    """A typed config gives its own kind (which an explicit ``kind`` must agree with) and JSON object."""
+    if isinstance(config, dict):
+        if kind is None:
+            raise ValueError("an untyped config needs its artifact kind")
+        return kind, config
+    if kind is not None and kind != config.KIND:
+        raise ValueError(f"a {type(config).__name__} is a {config.KIND!r} config, not {kind!r}")
+    return config.KIND, config.to_metadata()
+
+
+def _metadata(kind: str, config: dict[str, Any], fingerprint: str, extra: dict[str, str] | None) -> dict[str, str]:
+    """The string metadata of an artifact: the ``ddguide.*`` envelope around ``config`` plus ``extra``."""
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     meta = {
@@ -113,11 +134,8 @@ def save(
         _PREFIX + "config": json.dumps(config, sort_keys=True),
         _PREFIX + "fingerprint": fingerprint,
     }
-    for key, value in (extra or {}).items():
-        meta[_PREFIX + key] = str(value)
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = st_save_bytes(flat, metadata=meta)
-    return atomic_write_bytes(path, data)
+    meta.update({_PREFIX + key: str(value) for key, value in (extra or {}).items()})
+    return meta
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -184,18 +202,52 @@ def _typed_metadata(path: Path, meta: dict[str, str]) -> tuple[int, dict[str, An
     return int(text), config
 
 
-def describe(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
-    """(metadata, config) of an artifact, without its tensors, after the same checks as :func:`load`."""
+@dataclass(frozen=True)
+class Description:
+    """What an artifact's metadata says, read without its tensors."""
+
+    path: Path
+    kind: str
+    schema: int
+    version: str
+    fingerprint: str
+    config: dict[str, Any]
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def envelope(self) -> dict[str, str]:
+        """kind, schema, version and fingerprint as the strings stored in the file."""
+        return {"kind": self.kind, "schema": str(self.schema), "version": self.version,
+                "fingerprint": self.fingerprint}
+
+    def typed(self) -> "ArtifactMeta | None":
+        """The config as its kind's ``*Meta`` (validated), or None for a kind without one."""
+        meta_type = META_TYPES.get(self.kind)
+        return meta_type.from_metadata(self.config, self.path) if meta_type else None
+
+
+_ENVELOPE = ("kind", "schema", "version", "config", "fingerprint")
+
+
+def describe(path: str | os.PathLike, kind: str | Iterable[str] | None = None) -> Description:
+    """An artifact's metadata, without its tensors, after the same checks as :func:`load` (of ``kind`` when
+    given): a ddguide artifact of a known kind and of this schema, whose config is a JSON object."""
     path = Path(path)
     meta, _ = read_header(path)
-    if not meta.get(_PREFIX + "kind"):
+    found = meta.get(_PREFIX + "kind")
+    if not found:
         raise UserError(f"{path}: a safetensors file but not a ddguide artifact (no ddguide.kind metadata)")
-    if meta[_PREFIX + "kind"] not in KINDS:
-        raise UserError(f"{path}: unknown artifact kind {meta[_PREFIX + 'kind'][:40]!r} ({', '.join(KINDS)})")
+    wanted = (kind,) if isinstance(kind, str) else tuple(kind or ())
+    if wanted and found not in wanted:
+        raise UserError(f"{path}: is a {found!r} artifact, expected {' or '.join(map(repr, wanted))}")
+    if found not in KINDS:
+        raise UserError(f"{path}: unknown artifact kind {found[:40]!r} ({', '.join(KINDS)})")
     schema, config = _typed_metadata(path, meta)
     if schema != SCHEMA:
         raise UserError(f"{path}: artifact schema {schema} is not supported (this ddguide reads schema {SCHEMA})")
-    return meta, config
+    extra = {k[len(_PREFIX):]: v for k, v in meta.items()
+             if k.startswith(_PREFIX) and k[len(_PREFIX):] not in _ENVELOPE}
+    return Description(path, found, schema, meta.get(_PREFIX + "version", ""), meta.get(_PREFIX + "fingerprint", ""),
+                       config, extra)
 
 
 def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
@@ -212,36 +264,16 @@ def load(
     device: str | torch.device = "cpu",
 ) -> Artifact:
     """Load an artifact, refusing files of another kind or of an unknown schema."""
-    path = Path(path)
-    meta, _ = read_header(path)
-    found = meta.get(_PREFIX + "kind")
-    if not found:
-        raise UserError(f"{path}: a safetensors file but not a ddguide artifact (no ddguide.kind metadata)")
-    wanted = (kind,) if isinstance(kind, str) else tuple(kind or ())
-    if wanted and found not in wanted:
-        raise UserError(f"{path}: is a {found!r} artifact, expected {' or '.join(map(repr, wanted))}")
-    schema, config = _typed_metadata(path, meta)
-    if schema != SCHEMA:
-        raise UserError(f"{path}: artifact schema {schema} is not supported (this ddguide reads schema {SCHEMA})")
+    d = describe(path, kind)
     try:
-        tensors = st_load_file(path)  # one private mapping of the file: a 2.2 GB model costs 2.2 GB, not twice
+        tensors = st_load_file(d.path)  # one private mapping of the file: a 2.2 GB model costs 2.2 GB, not twice
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: unreadable safetensors data ({str(e)[:200]})") from None
-    check_finite(path, tensors)
+        raise UserError(f"{d.path}: unreadable safetensors data ({str(e)[:200]})") from None
+    check_finite(d.path, tensors)
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
-    known = {"kind", "schema", "version", "config", "fingerprint"}
-    extra = {k[len(_PREFIX):]: v for k, v in meta.items() if k.startswith(_PREFIX) and k[len(_PREFIX):] not in known}
-    return Artifact(
-        path=path,
-        kind=found,
-        config=config,
-        fingerprint=meta.get(_PREFIX + "fingerprint", ""),
-        tensors=tensors,
-        schema=schema,
-        version=meta.get(_PREFIX + "version", ""),
-        extra=extra,
-    )
+    return Artifact(path=d.path, kind=d.kind, config=d.config, fingerprint=d.fingerprint, tensors=tensors,
+                    schema=d.schema, version=d.version, extra=d.extra)
 
 
 def check_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
@@ -308,6 +340,185 @@ def check_fingerprint(expected: str, actual: str, *, consumer: str | os.PathLike
         )
 
 
+# ------------------------------------------------------------------------------------------ typed configs
+#
+# One frozen dataclass per kind: ``to_metadata()`` gives the JSON object stored as ``ddguide.config`` and
+# ``from_metadata(config, path)`` reads it back, refusing a malformed one in one line naming ``path``. The
+# stage that owns a kind adds its deeper checks (a model's architecture, a head's kind, a feature spec).
+
+
+class ArtifactMeta(Protocol):
+    """What every typed config offers."""
+
+    KIND: ClassVar[str]
+
+    def to_metadata(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_metadata(cls, config: dict[str, Any], path: str | os.PathLike) -> "ArtifactMeta": ...
+
+
+META_TYPES: dict[str, type] = {}  # artifact kind -> its typed config
+
+
+def typed_config(kind: str) -> Callable[[type], type]:
+    """Class decorator: ``cls`` is the typed config of artifact ``kind`` (``cls.KIND``, :data:`META_TYPES`)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+
+    def register(cls: type) -> type:
+        cls.KIND = kind  # type: ignore[attr-defined]
+        META_TYPES[kind] = cls
+        return cls
+
+    return register
+
+
+def _optional(data: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``data`` without the fields among ``names`` that are None (writers leave those out of the file)."""
+    names = set(names)
+    return {k: v for k, v in data.items() if k not in names or v is not None}
+
+
+def _fields_of(meta: Any) -> dict[str, Any]:
+    """A dataclass's fields as a shallow dict (``dataclasses.asdict`` would copy every nested list)."""
+    import dataclasses
+
+    return {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+
+
+@typed_config("model")
+@dataclass(frozen=True)
+class ModelMeta:
+    """A model's config: its U-Net and diffusion sections, its class names (None: unconditional) and whatever
+    its writer records about where it came from (``preset``, ``train``, ``finetune``, ``trained_steps``,
+    ``finetuned_from``, ``converted_from`` ...), all stored side by side in one JSON object."""
+
+    KIND: ClassVar[str]
+    unet: dict[str, Any]
+    diffusion: dict[str, Any]
+    classes: list[str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("unet", "diffusion", "classes")
+
+    def __post_init__(self) -> None:
+        clash = sorted(set(self.info) & set(self.SECTIONS))
+        if clash:
+            raise ValueError(f"model info may not hold {', '.join(clash)}")
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"unet": self.unet, "diffusion": self.diffusion, "classes": self.classes, **self.info}
+
+    @classmethod
+    def from_metadata(cls, config: dict[str, Any], path: str | os.PathLike) -> "ModelMeta":
+        for section in ("unet", "diffusion"):
+            if not isinstance(config.get(section), dict):
+                raise UserError(f"{path}: a model config without its {section!r} section")
+        classes = config.get("classes")
+        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise UserError(f"{path}: the model config's classes should be a list of names")
+        sections = {k: config[k] for k in cls.SECTIONS if k in config}
+        check_fields(cls, sections, f"{path}: model config")
+        return cls(info={k: v for k, v in config.items() if k not in cls.SECTIONS}, **sections)
+
+
+@typed_config("features")
+@dataclass(frozen=True)
+class FeaturesMeta:
+    """A features artifact's config: the feature spec (blocks, timesteps, noise, seed), the image size and
+    count, which model and which images (a hash of their paths and sizes) the taps came from, their storage
+    dtype, and the targets: ``label`` (an attribute, ``class``, ``mask`` or None) with the class names or the
+    number of mask ids."""
+
+    KIND: ClassVar[str]
+    spec: dict[str, Any]
+    image_size: int
+    model: str = ""
+    count: int = 0
+    images_hash: str = ""
+    storage: str = "fp32"
+    label: str | None = None
+    classes: list[str] | None = None  # attribute and class-folder targets
+    mask_classes: int | None = None  # mask targets
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("classes", "mask_classes")  # left out of the file when None
+
+    def to_metadata(self) -> dict[str, Any]:
+        return _optional(_fields_of(self), self.OPTIONAL)
+
+    @classmethod
+    def from_metadata(cls, config: dict[str, Any], path: str | os.PathLike) -> "FeaturesMeta":
+        if not isinstance(config.get("spec"), dict) or not isinstance(config.get("image_size"), int):
+            raise UserError(f"{path}: features config without its spec or image_size")
+        meta = cls(**check_fields(cls, config, f"{path}: features config"))
+        if not 1 <= meta.image_size <= 4096 or meta.count < 0 or (meta.mask_classes is not None
+                                                                    and not 1 <= meta.mask_classes <= 256):
+            raise UserError(f"{path}: features config out of range (image_size {meta.image_size}, count "
+                            f"{meta.count}, mask_classes {meta.mask_classes})")
+        return meta
+
+
+@typed_config("head")
+@dataclass(frozen=True)
+class HeadMeta:
+    """A head's config: its kind (classifier, segmentation, rejection, pixel), class names, the feature spec
+    of the taps it reads (None for pixel heads), input channels and image size, whether inputs are
+    L2-normalised and predictions per pixel, the calibrated temperature, the label it predicts, its held-out
+    metrics and its training settings."""
+
+    KIND: ClassVar[str]
+    kind: str
+    classes: list[str]
+    spec: dict[str, Any] | None
+    in_channels: int
+    image_size: int
+    normalize: bool = False
+    dense: bool = False  # per-pixel predictions (masks) rather than one per image
+    temperature: float = 1.0
+    label: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return _fields_of(self)
+
+    @classmethod
+    def from_metadata(cls, config: dict[str, Any], path: str | os.PathLike) -> "HeadMeta":
+        meta = cls(**check_fields(cls, config, f"{path}: head config"))
+        if not 1 <= len(meta.classes) <= 100_000 or not 1 <= meta.in_channels <= 1 << 16 \
+                or not 1 <= meta.image_size <= 4096:
+            raise UserError(f"{path}: head config out of range (classes {len(meta.classes)}, in_channels "
+                            f"{meta.in_channels}, image_size {meta.image_size})")
+        if not meta.temperature > 0:
+            raise UserError(f"{path}: head temperature must be > 0, found {meta.temperature}")
+        return meta
+
+
+@typed_config("fid-stats")
+@dataclass(frozen=True)
+class FidStatsMeta:
+    """The config of FID statistics: the feature space's name and dimension, how many images they summarise,
+    the feature settings (network, layer or block and timestep) and the image set they came from."""
+
+    KIND: ClassVar[str]
+    feature_space: str = ""
+    dim: int | None = None
+    n: int = 0
+    features: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def to_metadata(self) -> dict[str, Any]:
+        return _fields_of(self)
+
+    @classmethod
+    def from_metadata(cls, config: dict[str, Any], path: str | os.PathLike) -> "FidStatsMeta":
+        meta = cls(**check_fields(cls, config, f"{path}: fid-stats config"))
+        if meta.n < 0 or (meta.dim is not None and meta.dim < 1):
+            raise UserError(f"{path}: fid-stats config out of range (n {meta.n}, dim {meta.dim})")
+        return meta
+
+
 def _require_file(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -328,13 +539,11 @@ class StreamingWriter:
     """
 
     def __init__(self, path: str | os.PathLike, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
-                 kind: str, config: dict[str, Any], fingerprint: str, extra: dict[str, str] | None = None):
+                 kind: str | None = None, config: "dict[str, Any] | ArtifactMeta", fingerprint: str,
+                 extra: dict[str, str] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {_PREFIX + "kind": kind, _PREFIX + "schema": str(SCHEMA), _PREFIX + "version": __version__,
-                _PREFIX + "config": json.dumps(config, sort_keys=True), _PREFIX + "fingerprint": fingerprint}
-        meta.update({_PREFIX + k: str(v) for k, v in (extra or {}).items()})
-        header: dict[str, Any] = {"__metadata__": meta}
+        header: dict[str, Any] = {"__metadata__": _metadata(*_kind_and_config(kind, config), fingerprint, extra)}
         self.layout, offset = {}, 0
         for name in sorted(layout):  # safetensors readers expect data in header order; sorted keeps it simple
             shape, dtype = layout[name]
@@ -366,9 +575,14 @@ class StreamingWriter:
         self.file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
 
     def commit(self) -> Path:
-        self.file.close()
-        os.chmod(self.tmp, 0o666 & ~_umask())
-        os.replace(self.tmp, self.path)
+        """Publish the file under its name; a failure here (or an interrupt) removes the temporary."""
+        try:
+            self.file.close()
+            os.chmod(self.tmp, 0o666 & ~_umask())
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
@@ -396,8 +610,8 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def join_row_parts(path: str | os.PathLike, parts: list[Path], *, kind: str, config: dict[str, Any],
-                   fingerprint: str, chunk: int = 256) -> Path:
+def join_row_parts(path: str | os.PathLike, parts: list[Path], *, kind: str | None = None,
+                   config: "dict[str, Any] | ArtifactMeta", fingerprint: str, chunk: int = 256) -> Path:
     """Concatenate artifacts whose tensors are consecutive row ranges of one tensor each (the shards of a
     ``torchrun`` job) into one artifact at ``path``, copying ``chunk`` rows at a time."""
     from safetensors import safe_open

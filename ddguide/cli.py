@@ -338,7 +338,7 @@ def _artifact_config(path: str | os.PathLike) -> dict[str, Any]:
     """The config an artifact was written with (its metadata only), for the figures of --json."""
     from ddguide import artifacts
 
-    return json.loads(artifacts.read_metadata(path).get("ddguide.config", "{}"))
+    return artifacts.describe(path).config
 
 
 def refuse_existing(path: Path, what: str = "output") -> None:
@@ -727,18 +727,15 @@ def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) ->
     """Say what an artifact is and where it came from."""
     from ddguide import artifacts
 
-    meta, config = artifacts.describe(file)
+    about = artifacts.describe(file)
+    about.typed()  # a config its kind's loader would refuse is refused here too
     table = Table(show_header=False, box=None)
     table.add_row("file", str(file))
-    for key in ("kind", "schema", "version", "fingerprint"):
-        table.add_row(key, meta.get(f"ddguide.{key}", ""))
-    for key, value in sorted(meta.items()):
-        if key.startswith("ddguide.") and key[8:] not in ("kind", "schema", "version", "fingerprint", "config"):
-            table.add_row(key[8:], value)
+    for key, value in {**about.envelope(), **dict(sorted(about.extra.items()))}.items():
+        table.add_row(key, value)
     out_console.print(table)
-    out_console.print_json(json.dumps(config))  # json.dumps escapes control characters
-    report(file=file, **{key: meta.get(f"ddguide.{key}", "") for key in ("kind", "schema", "version", "fingerprint")},
-           config=config)
+    out_console.print_json(json.dumps(about.config))  # json.dumps escapes control characters
+    report(file=file, **about.envelope(), config=about.config)
 
 
 # --- fid ---

@@ -160,12 +160,11 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
             side = size // model.net.block_downsampling(b)
             layout[spec.key(b, t)] = ((hi - lo, model.net.block_channels(b), side, side), dtype)
     layout.update({k: ((hi - lo, *v.shape[1:]), v.dtype) for k, v in targets.items()})
-    config = {"spec": spec.to_dict(), "model": model.fingerprint, "image_size": size, "count": n,
-              "images_hash": image_list_hash(files, cfg.data), "storage": cfg.storage, **label_info}
+    meta = artifacts.FeaturesMeta(spec=spec.to_dict(), image_size=size, model=model.fingerprint, count=n,
+                                  images_hash=image_list_hash(files, cfg.data), storage=cfg.storage, **label_info)
     out = Path(cfg.out) if world == 1 else _part_path(cfg.out, rank, world)
 
-    with artifacts.StreamingWriter(out, layout, kind="features", config=config,
-                                   fingerprint=model.fingerprint) as writer:
+    with artifacts.StreamingWriter(out, layout, config=meta, fingerprint=model.fingerprint) as writer:
         for k, v in targets.items():
             writer.write(k, 0, v[lo:hi])
         for start in range(lo, hi, cfg.batch):
@@ -181,7 +180,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
             if progress:
                 progress(start - lo + len(batch), hi - lo)
     if world > 1:
-        _join_parts(cfg.out, world, config, model.fingerprint, device)
+        _join_parts(cfg.out, world, meta, model.fingerprint, device)
     return Path(cfg.out)
 
 
@@ -190,12 +189,13 @@ def _part_path(out: str | Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.stem}.part{rank}of{world}{out.suffix}")
 
 
-def _join_parts(out: str | Path, world: int, config: dict[str, Any], fingerprint: str, device: torch.device) -> None:
+def _join_parts(out: str | Path, world: int, meta: artifacts.FeaturesMeta, fingerprint: str,
+                device: torch.device) -> None:
     """Every rank waits for the others' parts; rank 0 joins them into ``out`` and removes them."""
     barrier(device)
     if is_main_process():
         parts = [_part_path(out, r, world) for r in range(world)]
-        artifacts.join_row_parts(out, parts, kind="features", config=config, fingerprint=fingerprint)
+        artifacts.join_row_parts(out, parts, config=meta, fingerprint=fingerprint)
         for part in parts:
             part.unlink()
     barrier(device)  # every rank returns once the joined artifact exists
@@ -210,30 +210,29 @@ class Features:
     images: torch.Tensor  # uint8 (N, H, W, 3)
     labels: torch.Tensor | None
     masks: torch.Tensor | None
-    config: dict[str, Any]
+    meta: artifacts.FeaturesMeta
     fingerprint: str
     path: Path
 
 
 def load_features(path: str | Path) -> Features:
+    """Load a features artifact after checking its contract (:func:`check_features`)."""
     art = artifacts.load(path, "features")
-    check_features(art)
-    spec = FeatureSpec.from_dict(art.config["spec"], where=f"{path}: feature spec")
+    meta, spec = check_features(art)
     taps = {k: v.float() for k, v in art.tensors.items() if k.startswith("feat.")}
     return Features(spec, taps, art.tensors["images"], art.tensors.get("labels"),
-                    art.tensors["masks"].long() if "masks" in art.tensors else None, art.config,
+                    art.tensors["masks"].long() if "masks" in art.tensors else None, meta,
                     art.fingerprint, Path(path))
 
 
-def check_features(art: artifacts.Artifact) -> None:
-    """A features artifact's contract: its spec and image size, every tap of the spec, one row per image in
+def check_features(art: artifacts.Artifact) -> tuple[artifacts.FeaturesMeta, FeatureSpec]:
+    """A features artifact's contract: its typed config and spec, every tap of the spec, one row per image in
     every tensor, uint8 (N, H, W, 3) images, labels and mask ids that are whole numbers >= 0."""
-    path, cfg, t = art.path, art.config, art.tensors
-    if not isinstance(cfg.get("spec"), dict) or not isinstance(cfg.get("image_size"), int):
-        raise UserError(f"{path}: features config without its spec or image_size")
-    spec = FeatureSpec.from_dict(cfg["spec"], where=f"{path}: feature spec")
+    path, t = art.path, art.tensors
+    meta = artifacts.FeaturesMeta.from_metadata(art.config, path)
+    spec = FeatureSpec.from_dict(meta.spec, where=f"{path}: feature spec")
     images = t.get("images")
-    size = cfg["image_size"]
+    size = meta.image_size
     if images is None or images.dtype != torch.uint8 or tuple(images.shape[1:]) != (size, size, 3):
         raise UserError(f"{path}: features artifact without uint8 images of {size}x{size}")
     n = len(images)
@@ -246,3 +245,4 @@ def check_features(art: artifacts.Artifact) -> None:
     for key in ("labels", "masks"):
         if key in t and (t[key].is_floating_point() or (t[key].numel() and int(t[key].min()) < 0)):
             raise UserError(f"{path}: {key} must be whole numbers >= 0")
+    return meta, spec

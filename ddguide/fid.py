@@ -244,11 +244,11 @@ def _load_batch(images, start: int, stop: int, size: int | None, resize: str) ->
 
 def save_stats(path: str | os.PathLike, stats: FidStats) -> Path:
     """Write ``stats`` as a ``fid-stats`` artifact (float64 mu and sigma; config names the feature space)."""
-    config = {"feature_space": stats.feature_space, "dim": stats.dim, "n": stats.n,
-              "features": stats.features, "source": stats.source}
+    meta = artifacts.FidStatsMeta(feature_space=stats.feature_space, dim=stats.dim, n=stats.n,
+                                  features=stats.features, source=stats.source)
     tensors = {"mu": torch.from_numpy(np.ascontiguousarray(stats.mu, np.float64)),
                "sigma": torch.from_numpy(np.ascontiguousarray(stats.sigma, np.float64))}
-    return artifacts.save(path, tensors, kind="fid-stats", config=config, fingerprint=stats.fingerprint)
+    return artifacts.save(path, tensors, config=meta, fingerprint=stats.fingerprint)
 
 
 def load_stats(path: str | os.PathLike) -> FidStats:
@@ -257,14 +257,16 @@ def load_stats(path: str | os.PathLike) -> FidStats:
     if path.suffix == ".npz":
         return _load_npz(path)
     art = artifacts.load(path, "fid-stats")
-    cfg = art.config
+    meta = artifacts.FidStatsMeta.from_metadata(art.config, path)
     try:
         mu, sigma = art.tensors["mu"].double().numpy(), art.tensors["sigma"].double().numpy()
     except KeyError as e:
         raise UserError(f"{path}: fid-stats artifact without {e.args[0]!r}") from None
-    stats = FidStats(mu=mu, sigma=sigma, n=int(cfg.get("n", 0)), feature_space=str(cfg.get("feature_space", "")),
-                     fingerprint=art.fingerprint, features=dict(cfg.get("features", {})), source=str(path))
+    stats = FidStats(mu=mu, sigma=sigma, n=meta.n, feature_space=meta.feature_space, fingerprint=art.fingerprint,
+                     features=dict(meta.features), source=str(path))
     _check_shapes(stats, path)
+    if meta.dim is not None and meta.dim != stats.dim:
+        raise UserError(f"{path}: its config says {meta.dim}-d statistics, its mu is {stats.dim}-d")
     return stats
 
 

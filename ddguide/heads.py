@@ -15,7 +15,7 @@ temperature fitted on the held-out split calibrates only the probabilities that 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ddguide import artifacts
 from ddguide.errors import UserError
 from ddguide.features import Features, FeatureSpec, load_features
+from ddguide.models import default_model_path
 
 KINDS = ("classifier", "segmentation", "rejection", "pixel")
 PIXELS = "pixels"  # the fingerprint of heads that read pixels, not a model's features
@@ -112,19 +113,7 @@ class PixelSegmentationHead(nn.Module):
         return self.body(x)  # (N, classes, H, W)
 
 
-@dataclass
-class HeadConfig:
-    kind: str
-    classes: list[str]
-    spec: dict[str, Any] | None  # FeatureSpec of the taps it reads (None for pixel heads)
-    in_channels: int
-    image_size: int
-    normalize: bool = False
-    dense: bool = False  # per-pixel predictions (masks) rather than one per image
-    temperature: float = 1.0
-    label: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+HeadConfig = artifacts.HeadMeta  # a head's config is the typed config of its artifact
 
 
 class Head(nn.Module):
@@ -179,8 +168,8 @@ class Head(nn.Module):
 
 
 def save_head(path: str | Path, head: Head) -> Path:
-    return artifacts.save(path, head.net.state_dict(), kind="head", config=asdict(head.cfg),
-                          fingerprint=head.fingerprint)
+    """Write a ``head`` artifact: the network's weights, its :class:`HeadMeta` config and its fingerprint."""
+    return artifacts.save(path, head.net.state_dict(), config=head.cfg, fingerprint=head.fingerprint)
 
 
 def load_head(path: str | Path, device: str | torch.device = "cpu") -> Head:
@@ -198,15 +187,9 @@ def load_head(path: str | Path, device: str | torch.device = "cpu") -> Head:
 
 def head_config(config: dict[str, Any], path: str | Path) -> HeadConfig:
     """A head artifact's config, type- and range-checked (kind, classes, channels, size, temperature, spec)."""
-    artifacts.check_fields(HeadConfig, config, f"{path}: head config")
-    cfg = HeadConfig(**config)
+    cfg = artifacts.HeadMeta.from_metadata(config, path)
     if cfg.kind not in KINDS:
         raise UserError(f"{path}: unknown head kind {cfg.kind!r}")
-    if not 1 <= len(cfg.classes) <= 100_000 or not 1 <= cfg.in_channels <= 1 << 16 or not 1 <= cfg.image_size <= 4096:
-        raise UserError(f"{path}: head config out of range (classes {len(cfg.classes)}, in_channels "
-                        f"{cfg.in_channels}, image_size {cfg.image_size})")
-    if not cfg.temperature > 0:
-        raise UserError(f"{path}: head temperature must be > 0, found {cfg.temperature}")
     if cfg.spec is not None:
         FeatureSpec.from_dict(cfg.spec, where=f"{path}: feature spec")
     return cfg
@@ -243,10 +226,11 @@ def _targets(feats: Features, kind: str) -> tuple[torch.Tensor, list[str]]:
     if kind == "segmentation" or (kind == "pixel" and feats.labels is None and feats.masks is not None):
         if feats.masks is None:
             raise UserError(f"{feats.path}: a segmentation head needs masks (extract with --masks DIR)")
-        return feats.masks, [str(i) for i in range(int(feats.config.get("mask_classes", feats.masks.max() + 1)))]
+        ids = feats.meta.mask_classes if feats.meta.mask_classes is not None else int(feats.masks.max()) + 1
+        return feats.masks, [str(i) for i in range(ids)]
     if feats.labels is None:
         raise UserError(f"{feats.path}: a {kind} head needs labels (extract with --labels/--label or class folders)")
-    classes = feats.config.get("classes") or [str(i) for i in range(int(feats.labels.max()) + 1)]
+    classes = feats.meta.classes or [str(i) for i in range(int(feats.labels.max()) + 1)]
     if len(set(feats.labels.tolist())) < 2:
         raise UserError(f"{feats.path}: every image has the same label; a head needs at least two classes")
     return feats.labels, list(classes)
@@ -321,9 +305,9 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
     in_channels = 3 if spec is None else sum(feats.taps[k].shape[1] for k in spec.keys())
     dense = y.ndim == 3  # (N, H, W) masks
     head_cfg = HeadConfig(kind=cfg.kind, classes=classes, spec=spec.to_dict() if spec else None,
-                          in_channels=in_channels, image_size=int(feats.config["image_size"]), normalize=normalize,
+                          in_channels=in_channels, image_size=feats.meta.image_size, normalize=normalize,
                           dense=dense,
-                          label=feats.config.get("label"), train=asdict(cfg))
+                          label=feats.meta.label, train=asdict(cfg))
     with torch.random.fork_rng(devices=[]):  # the initialisation is seeded without touching the caller's generator
         torch.manual_seed(cfg.seed)
         head = Head(head_cfg, PIXELS if spec is None else feats.fingerprint)
@@ -342,20 +326,30 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
 
     # 2. held-out metric and temperature
     head.eval()
-    with torch.no_grad():
-        if len(val_idx):
-            logits = torch.cat([head.net(batch_inputs(val_idx[i:i + 64])) for i in range(0, len(val_idx), 64)])
-            head.cfg.temperature = calibrate_temperature(_flat(logits), _flat_y(y[val_idx]))
-            if dense:
-                head.cfg.metrics = {"val_miou": miou(logits.argmax(1), y[val_idx], len(classes))}
-            else:
-                counts = torch.bincount(y[val_idx], minlength=len(classes))
-                head.cfg.metrics = {"val_accuracy": float((logits.argmax(1) == y[val_idx]).float().mean()),
-                                    "val_chance": float(counts.max()) / len(val_idx)}
-            head.cfg.metrics["val_nll"] = float(F.cross_entropy(_flat(logits) / head.cfg.temperature,
-                                                                _flat_y(y[val_idx])))
-        head.cfg.metrics.update({"train_images": len(train_idx), "val_images": len(val_idx)})
+    temperature, metrics = _held_out(head.net, batch_inputs, y, val_idx, len(classes))
+    metrics.update({"train_images": len(train_idx), "val_images": len(val_idx)})
+    head.cfg = replace(head.cfg, temperature=temperature, metrics=metrics)
     return save_head(cfg.out, head)
+
+
+@torch.no_grad()
+def _held_out(net: nn.Module, batch_inputs: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor,
+              val_idx: torch.Tensor, classes: int) -> tuple[float, dict[str, float]]:
+    """(temperature, metrics) on the held-out split: accuracy and chance, or mIoU for dense targets, and the
+    calibrated NLL; (1.0, {}) without a split."""
+    if not len(val_idx):
+        return 1.0, {}
+    logits = torch.cat([net(batch_inputs(val_idx[i:i + 64])) for i in range(0, len(val_idx), 64)])
+    target = y[val_idx]
+    temperature = calibrate_temperature(_flat(logits), _flat_y(target))
+    if target.ndim == 3:  # (N, H, W) masks
+        metrics = {"val_miou": miou(logits.argmax(1), target, classes)}
+    else:
+        counts = torch.bincount(target, minlength=classes)
+        metrics = {"val_accuracy": float((logits.argmax(1) == target).float().mean()),
+                   "val_chance": float(counts.max()) / len(val_idx)}
+    metrics["val_nll"] = float(F.cross_entropy(_flat(logits) / temperature, _flat_y(target)))
+    return temperature, metrics
 
 
 def fit(net: nn.Module, batch_inputs: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor,
@@ -390,8 +384,16 @@ def _flat_y(y: torch.Tensor) -> torch.Tensor:
 
 
 def check_compatible(head: Head, fingerprint: str, model_path: str | Path | None) -> None:
-    """A head trained on one model's features must never guide another model."""
+    """A head trained on one model's features must never guide another model: the refusal names the head's
+    file and the model's (``model_path``; None, or the package's own file, is "the shipped model")."""
     if head.reads_pixels:
         return
     artifacts.check_fingerprint(head.fingerprint, fingerprint, consumer=head.path or "the head",
-                                source=model_path or "the shipped model")
+                                source=_model_name(model_path))
+
+
+def _model_name(model_path: str | Path | None) -> str:
+    """How a refusal names a model: its path, or "the shipped model" for the default one."""
+    if model_path is None or Path(model_path).resolve() == default_model_path().resolve():
+        return "the shipped model"
+    return str(model_path)

@@ -54,9 +54,14 @@ class Model(nn.Module):
         """Feature taps for images ``x`` at schedule indices ``t`` (no noise is added here)."""
         return self.net.features(x, self.diffusion.model_time(t), blocks, y)
 
+    def meta(self) -> artifacts.ModelMeta:
+        """The typed config its artifact stores."""
+        return artifacts.ModelMeta(unet=self.net.cfg.to_dict(), diffusion=self.diffusion.to_dict(),
+                                   classes=self.classes, info=self.info)
+
     def config(self) -> dict[str, Any]:
-        return {"unet": self.net.cfg.to_dict(), "diffusion": self.diffusion.to_dict(), "classes": self.classes,
-                **self.info}
+        """The JSON object its artifact stores as config."""
+        return self.meta().to_metadata()
 
 
 def save_model(path: str | os.PathLike, model: Model, *, state_dict: dict[str, torch.Tensor] | None = None) -> str:
@@ -64,7 +69,7 @@ def save_model(path: str | os.PathLike, model: Model, *, state_dict: dict[str, t
     sd = state_dict if state_dict is not None else model.net.state_dict()
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     fp = artifacts.fingerprint(sd)
-    artifacts.save(path, sd, kind="model", config=model.config(), fingerprint=fp)
+    artifacts.save(path, sd, config=model.meta(), fingerprint=fp)
     model.fingerprint = fp
     return fp
 
@@ -87,15 +92,14 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
 
 
 def model_from_artifact(art: artifacts.Artifact) -> Model:
-    cfg = dict(art.config)
-    unet_cfg, diffusion = model_config(art.config, art.path)
+    """The model a loaded ``model`` artifact describes, its config checked before any network is built."""
+    meta = artifacts.ModelMeta.from_metadata(art.config, art.path)
+    unet_cfg, diffusion = model_config(meta, art.path)
     check_tensors_fit(unet_cfg, art.tensors, art.path)  # before any network is built
-    cfg.pop("unet"), cfg.pop("diffusion")
-    classes = cfg.pop("classes", None)
     with torch.device("meta"):  # no random initialisation to overwrite: the file's tensors become the weights
         net = UNetModel(unet_cfg)
     net.load_state_dict({k: v.float() for k, v in art.tensors.items()}, assign=True)
-    return Model(net, diffusion, fingerprint=art.fingerprint, classes=classes, info=cfg)
+    return Model(net, diffusion, fingerprint=art.fingerprint, classes=meta.classes, info=meta.info)
 
 
 # architecture bounds a model config must keep to (published ADM models are far inside them)
@@ -104,17 +108,11 @@ UNET_LIMITS = {"image_size": 4096, "in_channels": 64, "model_channels": 4096, "o
                "norm_groups": 4096, "num_classes": 1_000_000}
 
 
-def model_config(config: dict[str, Any], path: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig]:
+def model_config(config: dict[str, Any] | artifacts.ModelMeta,
+                 path: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig]:
     """The U-Net and diffusion sections of a model artifact's config, type- and range-checked."""
-    from dataclasses import fields
-
-    for section in ("unet", "diffusion"):
-        if not isinstance(config.get(section), dict):
-            raise UserError(f"{path}: a model config without its {section!r} section")
-    if config.get("classes") is not None and not (isinstance(config["classes"], list)
-                                                   and all(isinstance(c, str) for c in config["classes"])):
-        raise UserError(f"{path}: the model config's classes should be a list of names")
-    unet = artifacts.check_fields(UNetConfig, config["unet"], f"{path}: U-Net config")
+    meta = config if isinstance(config, artifacts.ModelMeta) else artifacts.ModelMeta.from_metadata(config, path)
+    unet = artifacts.check_fields(UNetConfig, meta.unet, f"{path}: U-Net config")
     for name, limit in UNET_LIMITS.items():
         value = unet.get(name)
         if isinstance(value, int) and not (value >= 1 or (value == -1 and name.startswith("num_head"))):
@@ -124,10 +122,10 @@ def model_config(config: dict[str, Any], path: str | os.PathLike) -> tuple[UNetC
     mult, attn = unet.get("channel_mult", [1]), unet.get("attention_resolutions", [])
     if not 1 <= len(mult) <= 8 or any(not 0 < m <= 64 for m in mult) or len(attn) > 16:
         raise UserError(f"{path}: U-Net config channel_mult or attention_resolutions out of range")
-    artifacts.check_fields(DiffusionConfig, config["diffusion"], f"{path}: diffusion config")
-    if not 1 <= config["diffusion"].get("steps", 1) <= 100_000:
+    artifacts.check_fields(DiffusionConfig, meta.diffusion, f"{path}: diffusion config")
+    if not 1 <= meta.diffusion.get("steps", 1) <= 100_000:
         raise UserError(f"{path}: diffusion steps must be in 1..100000")
-    return UNetConfig.from_dict(unet), DiffusionConfig.from_dict(config["diffusion"])
+    return UNetConfig.from_dict(unet), DiffusionConfig.from_dict(meta.diffusion)
 
 
 def config_shapes(cfg: UNetConfig, path: str | os.PathLike = "the config") -> dict[str, tuple[int, ...]]:

@@ -28,6 +28,15 @@ def build_tiny(seed: int = 0, **overrides) -> Model:
     return Model(net, preset.diffusion, info={"preset": "tiny"}).eval()
 
 
+def shapes_data(where, n: int = 12, size: int = 16, seed: int = 0, split: str = "train") -> Path:
+    """A shapes dataset (images/, attributes.csv, masks/) of ``n`` images of ``size`` px, written to
+    ``where / "data"``; ``where`` is a folder or pytest's ``tmp_path_factory`` (then a fresh folder)."""
+    from ddguide.shapes import ShapesConfig, generate
+
+    folder = where.mktemp("shapes") if hasattr(where, "mktemp") else Path(where)
+    return generate(folder / "data", ShapesConfig(n=n, size=size, seed=seed, split=split))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"

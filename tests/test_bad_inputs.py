@@ -21,6 +21,8 @@ from PIL import Image
 
 from ddguide import artifacts
 
+from conftest import shapes_data
+
 ESC = "\x1b"
 
 
@@ -68,14 +70,12 @@ def world(tmp_path_factory, tiny_model_path):
     """Every file a case needs, built once; ``W[name]`` is its path as a string."""
     from ddguide.features import ExtractConfig, extract
     from ddguide.heads import TrainHeadConfig, train_head
-    from ddguide.shapes import ShapesConfig, generate
-
     root = tmp_path_factory.mktemp("bad")
     W: dict[str, str] = {"root": str(root)}
     model = root / "model.safetensors"
     shutil.copyfile(tiny_model_path, model)
     W["model"] = str(model)
-    data = generate(root / "data", ShapesConfig(n=12, size=16, seed=0, split="train"))
+    data = shapes_data(root)
     W["data"], W["images"], W["attrs"], W["masks"] = str(data), str(data / "images"), str(data / "attributes.csv"), \
         str(data / "masks")
 

@@ -14,20 +14,13 @@ from typer.testing import CliRunner
 from ddguide import artifacts
 from ddguide.cli import app
 
+from conftest import build_tiny, expect_user_error
+
 runner = CliRunner()
 
 
 def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text
-    assert len(text.splitlines()) == 1, text
-    for frag in fragments:
-        assert frag in text, text
 
 
 def test_sample_writes_images_index_and_grid(tiny_model_path, tmp_path):
@@ -58,13 +51,13 @@ def test_info_describes_an_artifact(tiny_model_path):
 
 
 def test_missing_file(tmp_path):
-    assert_user_error(run("info", tmp_path / "nope.safetensors"), "no such file")
+    expect_user_error(run("info", tmp_path / "nope.safetensors"), "no such file")
 
 
 def test_unknown_preset_lists_valid_ones(tmp_path):
     ckpt = tmp_path / "x.pt"
     torch.save({"w": torch.zeros(1)}, ckpt)
-    assert_user_error(run("convert", ckpt, "--preset", "nope", "--out", tmp_path / "m.safetensors"),
+    expect_user_error(run("convert", ckpt, "--preset", "nope", "--out", tmp_path / "m.safetensors"),
                       "unknown preset", "imagenet64_uncond_100M_1500K", "ffhq")
     assert not (tmp_path / "m.safetensors").exists()
 
@@ -72,27 +65,26 @@ def test_unknown_preset_lists_valid_ones(tmp_path):
 def test_wrong_artifact_kind(tmp_path):
     feats = tmp_path / "f.safetensors"
     artifacts.save(feats, {"x": torch.zeros(2)}, kind="features", config={}, fingerprint="abc")
-    assert_user_error(run("sample", "--model", feats, "--out", tmp_path / "o", "--device", "cpu"),
+    expect_user_error(run("sample", "--model", feats, "--out", tmp_path / "o", "--device", "cpu"),
                       "'features'", "'model'")
 
 
 def test_not_an_artifact(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
-    assert_user_error(run("info", bad), "not a safetensors file")
+    expect_user_error(run("info", bad), "not a safetensors file")
 
 
 def test_checkpoint_with_the_wrong_flag_names_it(tmp_path):
-    from conftest import build_tiny
-
     sd = build_tiny(out_channels=6).net.state_dict()  # a learn_sigma checkpoint
     ckpt = tmp_path / "tiny.pt"
     torch.save(sd, ckpt)
     out = tmp_path / "m.safetensors"
-    assert_user_error(run("convert", ckpt, "--preset", "tiny", "--out", out), "learn_sigma=True")
+    expect_user_error(run("convert", ckpt, "--preset", "tiny", "--out", out), "learn_sigma=True")
     assert not out.exists()
     r = run("convert", ckpt, "--preset", "tiny", "--arch", '{"out_channels": 6}', "--out", out)
-    assert r.exit_code == 0, r.output and out.exists()
+    assert r.exit_code == 0, r.output
+    assert out.exists()
 
 
 class _RunsCode:
@@ -108,25 +100,25 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     ckpt = tmp_path / "evil.pt"
     torch.save({"input_blocks.0.0.weight": torch.zeros(1), "payload": _RunsCode()}, ckpt)
     out = tmp_path / "m.safetensors"
-    assert_user_error(run("convert", ckpt, "--preset", "tiny", "--out", out), "refused")
+    expect_user_error(run("convert", ckpt, "--preset", "tiny", "--out", out), "refused")
     assert not MARKER.exists() and not out.exists()
 
 
 def test_bad_options_are_user_errors(tiny_model_path, tmp_path):
-    assert_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "--sampler", "euler",
+    expect_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "--sampler", "euler",
                           "--device", "cpu"), "unknown sampler")
-    assert_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "-n", 0,
+    expect_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "-n", 0,
                           "--device", "cpu"), ">= 1")
-    assert_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "--precision", "fp8",
+    expect_user_error(run("sample", "--model", tiny_model_path, "--out", tmp_path / "o", "--precision", "fp8",
                           "--device", "cpu"), "unknown precision")
-    assert_user_error(run("convert", tmp_path / "none.pt", "--preset", "tiny", "--out", tmp_path / "m"),
+    expect_user_error(run("convert", tmp_path / "none.pt", "--preset", "tiny", "--out", tmp_path / "m"),
                       "no such file")
 
 
 def test_pytorch_checkpoint_given_as_model_says_convert(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(1)}, ckpt)
-    assert_user_error(run("sample", "--model", ckpt, "--out", tmp_path / "o", "--device", "cpu"), "ddguide convert")
+    expect_user_error(run("sample", "--model", ckpt, "--out", tmp_path / "o", "--device", "cpu"), "ddguide convert")
 
 
 def test_torchrun_shards_give_the_same_images(tiny_model_path, tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ from ddguide import fid, inception
 from ddguide.errors import UserError
 from ddguide.fid import FeatureExtractor, FidConfig, FidStats, compute_stats, frechet_distance, run_fid
 
+from conftest import expect_user_error
+
 DATA = Path(__file__).parent / "data"
 MANIFEST = json.loads((DATA / "pytorch_fid_inception_manifest.json").read_text())
 
@@ -462,9 +464,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch):
     ]
     for args, message in cases:
         result = runner.invoke(app, args)
-        assert result.exit_code == 2, result.output
-        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
-        assert result.output.startswith("error:") and message in result.output
+        expect_user_error(result, message)
+        assert result.output.startswith("error:"), result.output
 
 
 def test_cli_denoiser_fid_and_saved_stats(tmp_path, monkeypatch):

@@ -75,8 +75,12 @@ def test_rejection_head_of_another_model_is_refused(setup, tmp_path):
 
     other = tmp_path / "other.safetensors"
     save_model(other, build_tiny(seed=3))
-    user_error(run("filter", setup / "samples", "--head", setup / "rej.safetensors", "--model", other,
-                   "--out", tmp_path / "k", "--device", "cpu"), "was made from model")
+    head = setup / "rej.safetensors"
+    user_error(run("filter", setup / "samples", "--head", head, "--model", other, "--out", tmp_path / "k",
+                   "--device", "cpu"), f"{head} was made from model", f"but {other} is model")
+    user_error(run("filter", setup / "samples", "--head", head, "--out", tmp_path / "k", "--device", "cpu"),
+               f"{head} was made from model", "but the shipped model is model")
+    assert not (tmp_path / "k").exists()
 
 
 def test_filter_under_torchrun_equals_one_process(setup, tiny_model_path, tmp_path):

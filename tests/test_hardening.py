@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli, expect_ok, expect_user_error
+from conftest import cli, expect_ok, expect_user_error, shapes_data
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DDGUIDE_PROGRESS_SECONDS": "1000"}
 
@@ -66,9 +66,7 @@ def consistent_samples(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from ddguide.shapes import ShapesConfig, generate
-
-    return generate(tmp_path_factory.mktemp("hard") / "data", ShapesConfig(n=12, size=16, seed=0))
+    return shapes_data(tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------------------------- kills

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny, cli, expect_ok
+from conftest import build_tiny, cli, expect_ok, shapes_data
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DDGUIDE_PROGRESS_SECONDS": "0"}
 
@@ -133,9 +133,7 @@ def same_tensors(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from ddguide.shapes import ShapesConfig, generate
-
-    return generate(tmp_path_factory.mktemp("kills") / "data", ShapesConfig(n=12, size=16, seed=0))
+    return shapes_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +155,7 @@ def head(features, tmp_path_factory) -> Path:
 
 
 def test_killed_extract_mid_stream_keeps_the_earlier_file(tiny_model_path, data, tmp_path):
-    from ddguide.shapes import ShapesConfig, generate
-
-    many = generate(tmp_path / "many", ShapesConfig(n=150, size=16, seed=1))
+    many = shapes_data(tmp_path / "many", n=150, seed=1)
     w = tmp_path / "w"
     w.mkdir()
     out = w / "f.safetensors"

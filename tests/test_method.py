@@ -55,7 +55,7 @@ def test_features_are_stored_at_native_resolution(workdir, tiny_model_path):
     assert f.taps["feat.mid@100"].shape == (24, model.net.block_channels("mid"), 8, 8)
     assert f.taps["feat.out.1@500"].shape[-1] == 16 // model.net.block_downsampling("out.1")
     assert f.labels.tolist() == [i % 2 for i in range(24)]
-    assert f.fingerprint == model.fingerprint and f.config["count"] == 24 and f.config["images_hash"]
+    assert f.fingerprint == model.fingerprint and f.meta.count == 24 and f.meta.images_hash
 
 
 def test_extracted_taps_equal_a_direct_pass(workdir, tiny_model_path):
@@ -82,7 +82,7 @@ def test_extract_streams_one_batch_at_a_time(workdir, tiny_model_path, tmp_path,
     ok(run("extract", workdir / "images", "--model", tiny_model_path, "--blocks", "mid", "--timesteps", 10,
            "--out", tmp_path / "g.safetensors", "--device", "cpu", "--batch", 4, "--storage", "fp16"))
     assert max(rows) == 4 and sum(rows) == 24
-    assert load_features(tmp_path / "g.safetensors").config["storage"] == "fp16"
+    assert load_features(tmp_path / "g.safetensors").meta.storage == "fp16"
 
 
 def test_fixed_noise_is_deterministic_and_differs_from_clean(tiny_model_path):
@@ -190,8 +190,11 @@ def test_head_from_another_model_is_refused(workdir, tmp_path):
     other = tmp_path / "other.safetensors"
     save_model(other, build_tiny(seed=1))
     out = tmp_path / "o"
-    user_error(run("sample", "--model", other, "--guide", workdir / "h.safetensors", "--target", 1,
-                   "--out", out, "--device", "cpu"), "was made from model")
+    head = workdir / "h.safetensors"
+    user_error(run("sample", "--model", other, "--guide", head, "--target", 1, "--out", out, "--device", "cpu"),
+               f"{head} was made from model", f"but {other} is model")
+    user_error(run("sample", "--guide", head, "--target", 1, "--out", out, "--device", "cpu"),
+               f"{head} was made from model", "but the shipped model is model")
     assert not out.exists()
 
 
