@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ddguide import artifacts
-from ddguide.cas import CasConfig, cas
-from ddguide.features import ExtractConfig, extract
-from ddguide.finetune import FinetuneConfig, finetune, finetune_recipe
-from ddguide.generate import RejectSpec, SampleConfig, sample
-from ddguide.heads import TrainHeadConfig, train_head
-from ddguide.models import load_model
-from ddguide.shapes import CLASS_NAMES, ShapesConfig
-from ddguide.shapes import generate as generate_shapes
+from ddguide.core import artifacts
+from ddguide.core.model import load_model
+from ddguide.shapes.dataset import CLASS_NAMES, ShapesConfig
+from ddguide.shapes.dataset import generate as generate_shapes
+from ddguide.stages.cas import CasConfig, cas
+from ddguide.stages.extract import ExtractConfig, extract
+from ddguide.stages.finetune import FinetuneConfig, finetune, finetune_recipe
+from ddguide.stages.sample import RejectSpec, SampleConfig, sample
+from ddguide.stages.train_head import TrainHeadConfig, train_head
 
 
 def stage(name: str, done: Path, run) -> None:

@@ -15,8 +15,9 @@ import dataclasses
 
 import torch
 
-from ddguide.models import autocast
-from ddguide.unet import UNetModel, get_preset
+from ddguide.core.presets import get_preset
+from ddguide.core.runtime import autocast
+from ddguide.core.unet import UNetModel
 
 
 def gradients(net: UNetModel, model, x, t, device, precision: str) -> dict[str, torch.Tensor]:

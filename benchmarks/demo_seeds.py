@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddguide.demo import DemoConfig, run_demo  # noqa: E402
+from ddguide.shapes.demo import DemoConfig, run_demo  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 
 LOAD_ONLY = """
 import resource, sys
-from ddguide.models import load_model
+from ddguide.core.model import load_model
 load_model(sys.argv[1])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -42,8 +42,9 @@ def main() -> None:
 
     import torch
 
-    from ddguide.models import Model, save_model
-    from ddguide.unet import UNetModel, get_preset
+    from ddguide.core.model import Model, save_model
+    from ddguide.core.presets import get_preset
+    from ddguide.core.unet import UNetModel
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     preset = get_preset(args.preset)

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from scipy import linalg
 
-from ddguide.fid import frechet_distance
+from ddguide.metrics.fid import frechet_distance
 
 
 def sqrtm_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:

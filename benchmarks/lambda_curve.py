@@ -3,7 +3,7 @@
 For one attribute: 50 + 50 labelled images, `extract` with the given taps, `train-head` with its defaults, then
 N samples (DDIM, the same seeds for every point) per lambda and gradient mode, judged by the shapes oracle (never by
 the head): the share with the attribute and the share of valid images of the domain. `--clamps` also compares how
-x0_hat's clamp to [-1, 1] is treated before the head (ddguide.guidance.head_input): pass (straight-through, the
+x0_hat's clamp to [-1, 1] is treated before the head (ddguide.method.guidance.head_input): pass (straight-through, the
 default), none (the paper's Eq. 11 as is) and hard (clipped pixels get no gradient).
 
     python benchmarks/lambda_curve.py --attribute has_circle --lambdas 0 0.3 1 3 10 --n 64
@@ -24,17 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddguide import oracles  # noqa: E402
-from ddguide.data import to_uint8  # noqa: E402
-from ddguide.defaults import DEFAULT_TIMESTEPS  # noqa: E402
-from ddguide.demo import labelled_subset  # noqa: E402
-from ddguide.features import ExtractConfig, extract  # noqa: E402
-from ddguide.generate import draw, plain_denoiser, timesteps_for  # noqa: E402
-from ddguide.guidance import Guide, head_guidance  # noqa: E402
-from ddguide.models import denoiser as denoiser_of  # noqa: E402
-from ddguide.heads import TrainHeadConfig, load_head, train_head  # noqa: E402
-from ddguide.models import load_model  # noqa: E402
-from ddguide.shapes import ShapesConfig, generate  # noqa: E402
+from ddguide.core.data import to_uint8  # noqa: E402
+from ddguide.core.defaults import DEFAULT_TIMESTEPS  # noqa: E402
+from ddguide.core.model import denoiser as denoiser_of  # noqa: E402
+from ddguide.core.model import load_model  # noqa: E402
+from ddguide.method.guidance import Guide, head_guidance  # noqa: E402
+from ddguide.method.heads import load_head  # noqa: E402
+from ddguide.shapes import oracles
+from ddguide.shapes.dataset import ShapesConfig, generate  # noqa: E402
+from ddguide.shapes.demo import labelled_subset  # noqa: E402
+from ddguide.stages.extract import ExtractConfig, extract  # noqa: E402
+from ddguide.stages.sample import draw, plain_denoiser, timesteps_for  # noqa: E402
+from ddguide.stages.train_head import TrainHeadConfig, train_head
 
 
 def head_for(work: Path, attribute: str, blocks: tuple[str, ...], timesteps: tuple[int, ...], seed: int) -> Path:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ddguide import oracles
-from ddguide.data import list_images, load_image, to_uint8
-from ddguide.generate import draw, plain_denoiser, timesteps_for
-from ddguide.samples import write_grid
-from ddguide.models import load_model, resolve_device
-from ddguide.shapes import ATTRIBUTES, CLASS_NAMES, ShapesConfig
-from ddguide.shapes import generate as generate_shapes
+from ddguide.core.data import list_images, load_image, to_uint8
+from ddguide.core.model import load_model
+from ddguide.core.runtime import resolve_device
+from ddguide.core.samples import write_grid
+from ddguide.shapes import oracles
+from ddguide.shapes.dataset import ATTRIBUTES, CLASS_NAMES, ShapesConfig
+from ddguide.shapes.dataset import generate as generate_shapes
+from ddguide.stages.sample import draw, plain_denoiser, timesteps_for
 
 
 def sample_images(model_path: str | None, n: int, steps: int, sampler: str, eta: float = 0.0,

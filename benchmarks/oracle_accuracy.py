@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ddguide import oracles, shapes
-from ddguide.data import load_image
+from ddguide.core.data import load_image
+from ddguide.shapes import dataset as shapes
+from ddguide.shapes import oracles
 
 OFF_PALETTE = np.array([(255, 140, 0), (160, 40, 200), (240, 240, 240), (0, 220, 220), (250, 120, 180)])
 

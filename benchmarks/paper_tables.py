@@ -22,18 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddguide import oracles
-from ddguide.data import list_images, read_mask, to_tensor, to_uint8
-from ddguide.defaults import DEFAULT_TIMESTEPS, DEMO_LAMBDA
-from ddguide.features import ExtractConfig, FeatureSpec, compute, extract
-from ddguide.fid import DenoiserFeatures, compute_stats, frechet_distance
-from ddguide.generate import draw, plain_denoiser, timesteps_for
-from ddguide.guidance import Guide, head_guidance
-from ddguide.models import denoiser as base_denoiser
-from ddguide.heads import TrainHeadConfig, load_head, train_head
-from ddguide.models import load_model
-from ddguide.shapes import MASK_CLASSES, ShapesConfig
-from ddguide.shapes import generate as generate_shapes
+from ddguide.core.data import list_images, read_mask, to_tensor, to_uint8
+from ddguide.core.defaults import DEFAULT_TIMESTEPS, DEMO_LAMBDA
+from ddguide.core.model import denoiser as base_denoiser
+from ddguide.core.model import load_model
+from ddguide.method.features import FeatureSpec, compute
+from ddguide.method.guidance import Guide, head_guidance
+from ddguide.method.heads import load_head
+from ddguide.metrics.fid import DenoiserFeatures, compute_stats, frechet_distance
+from ddguide.shapes import oracles
+from ddguide.shapes.dataset import MASK_CLASSES, ShapesConfig
+from ddguide.shapes.dataset import generate as generate_shapes
+from ddguide.stages.extract import ExtractConfig, extract
+from ddguide.stages.sample import draw, plain_denoiser, timesteps_for
+from ddguide.stages.train_head import TrainHeadConfig, train_head
 
 ATTRIBUTES = ("has_circle", "multiple_objects", "has_red")  # shape, count, colour (main_left also works)
 TIMESTEPS = (300,)  # T_f of the classifier heads, whose taps are the model's attribute_blocks()

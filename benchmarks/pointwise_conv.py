@@ -1,4 +1,4 @@
-"""1x1 convolutions on oneDNN (ddguide.unet.Conv1x1) against PyTorch's own choice, side by side.
+"""1x1 convolutions on oneDNN (ddguide.core.unet.Conv1x1) against PyTorch's own choice, side by side.
 
     python benchmarks/pointwise_conv.py [--preset imagenet64_uncond_100M_1500K] [--batch 2] [--threads 1] [--rounds 3]
 
@@ -15,7 +15,8 @@ import time
 
 import torch
 
-import ddguide.unet as unet
+import ddguide.core.unet as unet
+from ddguide.core.presets import get_preset
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = unet.get_preset(args.preset).unet
+    cfg = get_preset(args.preset).unet
     net = unet.UNetModel(cfg).eval()
     x = torch.randn(args.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     t = torch.randint(0, 1000, (args.batch,))

@@ -27,12 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddguide.demo import labelled_subset  # noqa: E402
-from ddguide.features import ExtractConfig, FeatureSpec, compute, extract, load_features  # noqa: E402
-from ddguide.heads import TrainHeadConfig, load_head, train_head  # noqa: E402
-from ddguide.models import load_model  # noqa: E402
-from ddguide.shapes import ShapesConfig, generate  # noqa: E402
-from ddguide.tapsweep import candidate_blocks, candidate_timesteps, score  # noqa: E402
+from ddguide.core.model import load_model  # noqa: E402
+from ddguide.method.features import FeatureSpec, compute, load_features  # noqa: E402
+from ddguide.method.heads import load_head  # noqa: E402
+from ddguide.shapes.dataset import ShapesConfig, generate  # noqa: E402
+from ddguide.shapes.demo import labelled_subset  # noqa: E402
+from ddguide.stages.extract import ExtractConfig, extract
+from ddguide.stages.tapsweep import candidate_blocks, candidate_timesteps, score  # noqa: E402
+from ddguide.stages.train_head import TrainHeadConfig, train_head
 
 
 def fresh_set(work: Path, n: int, size: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddguide.demo import labelled_subset  # noqa: E402
-from ddguide.features import ExtractConfig  # noqa: E402
-from ddguide.tapsweep import extract_auto  # noqa: E402
+from ddguide.shapes.demo import labelled_subset  # noqa: E402
+from ddguide.stages.extract import ExtractConfig  # noqa: E402
+from ddguide.stages.tapsweep import extract_auto  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py [--preset shapes32] [--batch 64] [--steps 20] [--threads 2] [--device cpu]
 
-All runs go through ``ddguide.training.fit`` (the loop of ``ddguide train``) from the same initial weights on
+All runs go through ``ddguide.stages.training.fit`` (the loop of ``ddguide train``) from the same initial weights on
 random images: eager with bf16 autocast (``train``'s default), eager fp32, and compiled fp32 (on the CPU
 ``--compile`` is refused with bf16, whose compiled backward loses gradients; on CUDA compiled bf16 is timed too).
 The first step of each run is reported apart: for the compiled run it holds the one-off compilation. Ratios
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ddguide.models import resolve_device
-from ddguide.training import Recipe, ema_update, fit
-from ddguide.unet import UNetModel, get_preset
+from ddguide.core.presets import get_preset
+from ddguide.core.runtime import resolve_device
+from ddguide.core.unet import UNetModel
+from ddguide.stages.training import Recipe, ema_update, fit
 
 
 def step_times(preset: str, batch: int, steps: int, compile_: bool, precision: str,

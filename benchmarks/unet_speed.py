@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddguide.models import autocast
-from ddguide.unet import UNetModel, get_preset
+from ddguide.core.presets import get_preset
+from ddguide.core.runtime import autocast
+from ddguide.core.unet import UNetModel
 
 MODES = ("forward", "guided step", "training step")
 

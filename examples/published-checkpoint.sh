@@ -37,7 +37,7 @@ start_work published-checkpoint
 # 1. a checkpoint as guided-diffusion publishes it: torch.save(model.state_dict(), "checkpoint.pt")
 python3 - <<'PY'
 import torch
-from ddguide.models import load_model
+from ddguide.core.model import load_model
 
 torch.save(load_model().net.state_dict(), "checkpoint.pt")  # the shipped model's weights, keys as in guided-diffusion
 PY

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddguide.models import Model, save_model
-from ddguide.unet import PRESETS, UNetModel
+from ddguide.core.model import Model, save_model
+from ddguide.core.presets import PRESETS
+from ddguide.core.unet import UNetModel
 
 
 def build_tiny(seed: int = 0, **overrides) -> Model:
@@ -31,7 +32,7 @@ def build_tiny(seed: int = 0, **overrides) -> Model:
 def shapes_data(where, n: int = 12, size: int = 16, seed: int = 0, split: str = "train") -> Path:
     """A shapes dataset (images/, attributes.csv, masks/) of ``n`` images of ``size`` px, written to
     ``where / "data"``; ``where`` is a folder or pytest's ``tmp_path_factory`` (then a fresh folder)."""
-    from ddguide.shapes import ShapesConfig, generate
+    from ddguide.shapes.dataset import ShapesConfig, generate
 
     folder = where.mktemp("shapes") if hasattr(where, "mktemp") else Path(where)
     return generate(folder / "data", ShapesConfig(n=n, size=size, seed=seed, split=split))

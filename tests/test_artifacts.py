@@ -19,14 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddguide import artifacts
-from ddguide.errors import UserError
-from ddguide.features import load_features
-from ddguide.fid import FidStats, check_comparable, load_stats, save_stats
-from ddguide.heads import Head, check_compatible, load_head, save_head
-from ddguide.models import load_model, save_model
-
 from conftest import build_tiny
+from ddguide.core import artifacts
+from ddguide.core.errors import UserError
+from ddguide.core.model import load_model, save_model
+from ddguide.method.features import load_features
+from ddguide.method.heads import Head, check_compatible, load_head, save_head
+from ddguide.metrics.fid import FidStats, check_comparable, load_stats, save_stats
 
 FOREIGN = "0123456789abcdef"  # the fingerprint of a model that is not the one at hand
 SPEC = {"blocks": ["mid"], "timesteps": [10], "noise": "none", "seed": 0}

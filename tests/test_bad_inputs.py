@@ -19,9 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddguide import artifacts
-
 from conftest import shapes_data
+from ddguide.core import artifacts
 
 ESC = "\x1b"
 
@@ -68,8 +67,8 @@ def bomb_png(path: Path, side: int = 20000) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_path):
     """Every file a case needs, built once; ``W[name]`` is its path as a string."""
-    from ddguide.features import ExtractConfig, extract
-    from ddguide.heads import TrainHeadConfig, train_head
+    from ddguide.stages.extract import ExtractConfig, extract
+    from ddguide.stages.train_head import TrainHeadConfig, train_head
     root = tmp_path_factory.mktemp("bad")
     W: dict[str, str] = {"root": str(root)}
     model = root / "model.safetensors"
@@ -97,7 +96,7 @@ def world(tmp_path_factory, tiny_model_path):
     W["mask"] = str(mask)
 
     # a samples folder with a class column (copies of the data's images, named by the rejection head's classes)
-    from ddguide.heads import load_head
+    from ddguide.method.heads import load_head
 
     classes = load_head(rhead).cfg.classes
     samples = root / "samples"
@@ -327,7 +326,7 @@ def world(tmp_path_factory, tiny_model_path):
                              tensors={**fart.tensors, fk: torch.full_like(fart.tensors[fk], float("nan"))}))
 
     # a fid-stats artifact with mismatched shapes
-    from ddguide.artifacts import save
+    from ddguide.core.artifacts import save
 
     W["stats_bad"] = str(save(bad / "stats.safetensors", {"mu": torch.zeros(4), "sigma": torch.zeros(3, 3)},
                               kind="fid-stats", config={"features": {"kind": "denoiser"}, "n": 5}, fingerprint=""))
@@ -336,8 +335,8 @@ def world(tmp_path_factory, tiny_model_path):
                               kind="fid-stats", config={"features": {"kind": "denoiser"}, "n": 5}, fingerprint=""))
 
     # a training checkpoint without its loss history (a run of `train` resumes from it)
-    from ddguide.checkpoint import checkpoint_path
-    from ddguide.train import TrainConfig, train, train_recipe
+    from ddguide.core.checkpoint import checkpoint_path
+    from ddguide.stages.train import TrainConfig, train, train_recipe
 
     tdir = root / "trained"
     cfg = TrainConfig(data=str(data / "images"), out=str(tdir / "m.safetensors"), preset="tiny", device="cpu",

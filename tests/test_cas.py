@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddguide import artifacts
-from ddguide.cas import CasConfig, cas, learning_rate, mixup_cutmix, random_flip
-from ddguide.resnet import ARCHITECTURES, resnet18
-
 from conftest import cli as run
 from conftest import expect_user_error as assert_user_error
+from ddguide.core import artifacts
+from ddguide.metrics.resnet import ARCHITECTURES, resnet18
+from ddguide.stages.cas import CasConfig, cas, learning_rate, mixup_cutmix, random_flip
 
 COLOURS = {"blue": (40, 90, 230), "red": (220, 40, 40)}
 

@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ddguide import artifacts
-from ddguide.cli import app
-
 from conftest import build_tiny, expect_user_error
+from ddguide.cli import app
+from ddguide.core import artifacts
 
 runner = CliRunner()
 

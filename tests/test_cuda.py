@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli as run, expect_ok as ok
+from conftest import cli as run
+from conftest import expect_ok as ok
 
 DEVICE = os.environ.get("DDGUIDE_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),

@@ -6,9 +6,8 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from ddguide.cli import app
-
 from conftest import expect_user_error
+from ddguide.cli import app
 
 
 def test_demo_runs_the_whole_pipeline(tiny_model_path, tmp_path):

@@ -4,9 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from ddguide.diffusion import (DiffusionConfig, alphas_cumprod, betas, eps_to_x0, q_sample, respace_betas,
-                               space_timesteps, split_output, x0_to_eps)
-from ddguide.errors import UserError
+from ddguide.core.diffusion import (
+    DiffusionConfig,
+    alphas_cumprod,
+    betas,
+    eps_to_x0,
+    q_sample,
+    respace_betas,
+    space_timesteps,
+    split_output,
+    x0_to_eps,
+)
+from ddguide.core.errors import UserError
 
 
 def test_ddim_spacing_matches_guided_diffusion():

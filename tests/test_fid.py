@@ -16,11 +16,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy import linalg
 
-from ddguide import fid, inception
-from ddguide.errors import UserError
-from ddguide.fid import FeatureExtractor, FidConfig, FidStats, compute_stats, frechet_distance, run_fid
-
 from conftest import expect_user_error
+from ddguide.core.errors import UserError
+from ddguide.metrics import fid, inception
+from ddguide.metrics.fid import FeatureExtractor, FidConfig, FidStats, compute_stats, frechet_distance, run_fid
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = json.loads((DATA / "pytorch_fid_inception_manifest.json").read_text())
@@ -365,8 +364,9 @@ def test_different_feature_spaces_are_refused(tmp_path):
 
 
 def tiny_model():
-    from ddguide.models import Model
-    from ddguide.unet import UNetModel, get_preset
+    from ddguide.core.model import Model
+    from ddguide.core.presets import get_preset
+    from ddguide.core.unet import UNetModel
 
     torch.manual_seed(0)
     preset = get_preset("tiny")  # 16x16 images, mid block of 16 channels
@@ -388,7 +388,7 @@ def test_denoiser_features_pool_the_mid_block():
 
 
 def test_auto_falls_back_to_denoiser_features(tmp_path, monkeypatch):
-    from ddguide.models import save_model
+    from ddguide.core.model import save_model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
@@ -444,7 +444,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from ddguide.cli import app
-    from ddguide.models import save_model
+    from ddguide.core.model import save_model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
@@ -472,7 +472,7 @@ def test_cli_denoiser_fid_and_saved_stats(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from ddguide.cli import app
-    from ddguide.models import save_model
+    from ddguide.core.model import save_model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)

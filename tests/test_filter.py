@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli as run, expect_ok as ok, expect_user_error as user_error
+from conftest import cli as run
+from conftest import expect_ok as ok
+from conftest import expect_user_error as user_error
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_filter_keeps_what_passes_the_threshold(setup, tiny_model_path, tmp_path
 def test_filter_bad_input(setup, tiny_model_path, tmp_path, monkeypatch):
     import torch
 
-    from ddguide.rejection import Rejector
+    from ddguide.method.rejection import Rejector
 
     base = ("filter", setup / "samples", "--head", setup / "rej.safetensors", "--model", tiny_model_path,
             "--out", tmp_path / "kept", "--device", "cpu")
@@ -70,8 +72,7 @@ def test_rejection_head_of_another_model_is_refused(setup, tmp_path):
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import build_tiny
-
-    from ddguide.models import save_model
+    from ddguide.core.model import save_model
 
     other = tmp_path / "other.safetensors"
     save_model(other, build_tiny(seed=3))

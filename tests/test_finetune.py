@@ -9,16 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddguide import artifacts
-from ddguide.data import class_folders, labelled_images, tiny_imagenet
-from ddguide.finetune import FinetuneConfig, conditional_net, drop_labels, finetune, finetune_recipe
-from ddguide.guidance import Guide, classifier_free, conditional, head_guidance
-from ddguide.models import denoiser
-from ddguide.models import load_model
-
 from conftest import build_tiny
 from conftest import cli as run
 from conftest import expect_user_error as assert_user_error
+from ddguide.core import artifacts
+from ddguide.core.data import class_folders, labelled_images, tiny_imagenet
+from ddguide.core.model import denoiser, load_model
+from ddguide.method.guidance import Guide, classifier_free, conditional, head_guidance
+from ddguide.stages.finetune import FinetuneConfig, conditional_net, drop_labels, finetune, finetune_recipe
 
 COLOURS = {"blue": (40, 90, 230), "red": (220, 40, 40)}
 
@@ -181,7 +179,7 @@ def test_cfg_with_w_0_is_the_conditional_model_and_leaves_labels_alone(cond_path
 
 def test_cfg_under_guidance_with_lambda_0_is_cfg(cond_path, tmp_path):
     """Guidance wraps any denoiser: around CFG with lambda 0 it is CFG itself, and with lambda > 0 it moves eps."""
-    from ddguide.heads import Head, HeadConfig
+    from ddguide.method.heads import Head, HeadConfig
 
     model = load_model(cond_path).requires_grad_(False)
     labels, x = torch.tensor([0, 1]), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -16,8 +16,8 @@ from conftest import build_tiny, cli, expect_ok, expect_user_error
 def files(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
     """A class-conditional model 'fine-tuned' from the tiny model, a head on the tiny model's features and one
     on the conditional model's own features."""
-    from ddguide.models import load_model, save_model
-    from ddguide.shapes import ShapesConfig, generate
+    from ddguide.core.model import load_model, save_model
+    from ddguide.shapes.dataset import ShapesConfig, generate
 
     root = tmp_path_factory.mktemp("guided-cfg")
     data = generate(root / "data", ShapesConfig(n=12, size=16, seed=0))
@@ -82,7 +82,7 @@ def test_guidance_classes_and_rejection_in_one_run(files, tmp_path, monkeypatch)
     kept, each class gets its quota, and the kept rows carry both the head and the rejection probabilities."""
     import torch
 
-    from ddguide.rejection import Rejector
+    from ddguide.method.rejection import Rejector
 
     verdicts = iter([0.9, 0.1] * 20)  # the rejection head's p for successive draws: every other one passes
     monkeypatch.setattr(Rejector, "probabilities",
@@ -103,9 +103,9 @@ def test_a_model_fine_tuned_from_the_shipped_one_is_guided_by_heads_on_the_shipp
 
     import torch
 
-    from ddguide.models import Model, load_model, save_model
-    from ddguide.shapes import ShapesConfig, generate
-    from ddguide.unet import UNetModel
+    from ddguide.core.model import Model, load_model, save_model
+    from ddguide.core.unet import UNetModel
+    from ddguide.shapes.dataset import ShapesConfig, generate
 
     shipped = load_model()
     net = UNetModel(dataclasses.replace(shipped.net.cfg, num_classes=3))

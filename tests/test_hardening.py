@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import cli, expect_ok, expect_user_error, shapes_data
 
@@ -93,7 +91,7 @@ def test_killed_data_shapes_resumes_to_the_same_bytes(tmp_path):
     assert not out.exists()  # a folder under its name is complete
     expect_ok(cli("data", "shapes", out, "-n", 600, "--size", 16))
     assert [p.name for p in tmp_path.iterdir()] == ["d"] and not temporaries(out)
-    from ddguide.shapes import ShapesConfig, generate
+    from ddguide.shapes.dataset import ShapesConfig, generate
 
     fresh = generate(tmp_path / "fresh", ShapesConfig(n=600, size=16))
     assert files_of(out) == files_of(fresh)
@@ -137,7 +135,7 @@ def test_killed_train_resumes_and_leaves_no_temporaries(data, tmp_path):
     ckpt = tmp_path / "m.ckpt.safetensors"
     kill_when(proc, lambda: ckpt.exists())
     assert not out.exists()
-    from ddguide import artifacts
+    from ddguide.core import artifacts
 
     reached = artifacts.load(ckpt).config["step"]
     expect_ok(cli(*args, "--steps", reached + 2))
@@ -234,7 +232,7 @@ def test_markup_and_escapes_from_files_are_shown_literally(tiny_model_path, tmp_
 
     from safetensors.torch import load_file, save_file
 
-    from ddguide import artifacts
+    from ddguide.core import artifacts
 
     meta = artifacts.read_metadata(tiny_model_path)
     path = tmp_path / "m.safetensors"

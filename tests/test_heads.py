@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ddguide.features import ExtractConfig, extract
-from ddguide.heads import TrainHeadConfig, load_head, train_head
-
 from conftest import shapes_data
+from ddguide.method.heads import load_head
+from ddguide.stages.extract import ExtractConfig, extract
+from ddguide.stages.train_head import TrainHeadConfig, train_head
 
 
 def test_train_head_leaves_the_global_generator_alone(tiny_model_path, tmp_path):

@@ -1,5 +1,5 @@
 """Every range-checked numeric option says its range in its command's ``--help`` (issue 20: numeric options are
-"finite, in range, documented"); the words come from ``ddguide.options.RANGES``, the table the checks use."""
+"finite, in range, documented"); the words come from ``ddguide.cli.ranges.RANGES``, the table the checks use."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from ddguide.cli import app
-from ddguide.options import RANGES
+from ddguide.cli.ranges import RANGES
 
 NOT_NUMERIC = {("extract", "labels")}  # --labels FILE: a path, not the count `demo --labels` checks
 

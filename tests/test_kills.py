@@ -123,7 +123,7 @@ def hidden(folder: Path) -> list[str]:
 
 
 def same_tensors(a: Path, b: Path) -> None:
-    from ddguide import artifacts
+    from ddguide.core import artifacts
 
     ta, tb = artifacts.load(a).tensors, artifacts.load(b).tensors
     assert ta.keys() == tb.keys()
@@ -170,7 +170,7 @@ def test_killed_extract_mid_stream_keeps_the_earlier_file(tiny_model_path, data,
     assert any(n.startswith(".tmp-f.safetensors.") for n in names(w))  # the half-written stream, beside it
     expect_ok(cli(*base[:1], many / "images", *base[1:], "--batch", 8))
     assert names(w) == ["f.safetensors"]
-    from ddguide import artifacts
+    from ddguide.core import artifacts
 
     assert artifacts.load(out).config["count"] == 150
 
@@ -188,7 +188,7 @@ def test_killed_cas_mid_epoch_resumes_to_the_same_report(data, tmp_path):
     expect_ok(cli(*args, "--out", whole))  # the uninterrupted run, meanwhile
     child.join()
     assert not out.exists()
-    from ddguide import artifacts
+    from ddguide.core import artifacts
 
     assert artifacts.load(ckpt, "checkpoint").config["step"] in (1, 2)  # 2 only on a machine slow to kill
     r = expect_ok(cli(*args, "--out", out))
@@ -210,7 +210,7 @@ def test_killed_finetune_while_writing_a_checkpoint_resumes_to_the_same_model(ti
     expect_ok(cli(*args, "--out", whole))  # the uninterrupted run, meanwhile
     child.kill_when_held()
     assert not out.exists()
-    from ddguide import artifacts
+    from ddguide.core import artifacts
 
     assert artifacts.load(ckpt, "checkpoint").config["step"] == 2  # the one before, intact
     assert [n for n in names(w) if n.startswith(".tmp-c.ckpt.safetensors.")]  # the new one, never renamed
@@ -251,7 +251,7 @@ def test_killed_filter_before_its_rename_leaves_no_folder(tiny_model_path, data,
 
 
 def test_killed_convert_before_its_rename_keeps_the_earlier_model(tiny_model_path, tmp_path):
-    from ddguide.models import save_model
+    from ddguide.core.model import save_model
 
     other = tmp_path / "other.safetensors"
     save_model(other, build_tiny(seed=1))

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddguide import artifacts
-from ddguide.features import FeatureSpec, compute, load_features
-from ddguide.guidance import Guide, head_guidance, log_likelihood
-from ddguide.models import denoiser
-from ddguide.heads import load_head
-from ddguide.models import load_model, save_model
-
-from conftest import cli as run, expect_ok as ok, expect_user_error as user_error
+from conftest import cli as run
+from conftest import expect_ok as ok
+from conftest import expect_user_error as user_error
+from ddguide.core import artifacts
+from ddguide.core.model import denoiser, load_model, save_model
+from ddguide.method.features import FeatureSpec, compute, load_features
+from ddguide.method.guidance import Guide, head_guidance, log_likelihood
+from ddguide.method.heads import load_head
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ddguide import oracles, shapes
-from ddguide.shapes import ShapesConfig
+from ddguide.shapes import dataset as shapes
+from ddguide.shapes import oracles
+from ddguide.shapes.dataset import ShapesConfig
 
 N = 200
 

@@ -88,7 +88,7 @@ def test_json_through_the_attribute_pipeline(shapes, tiny_model_path, tmp_path):
 
 
 def test_json_of_convert_train_and_finetune(shapes, classes, tiny_model_path, tmp_path):
-    from ddguide.models import load_model
+    from ddguide.core.model import load_model
 
     figures = parsed(cli("convert", tiny_model_path, "--preset", "tiny", "--out", tmp_path / "c.safetensors",
                          "--json"))
@@ -133,7 +133,7 @@ def test_json_of_rejection_filter_and_cas(classes, tiny_model_path, tmp_path):
 
 def test_json_of_demo(monkeypatch, tmp_path):
     """The demo's figures (its run is tested in test_demo.py; here only what --json makes of its result)."""
-    from ddguide import demo
+    from ddguide.shapes import demo
 
     result = demo.DemoResult("has_circle", 0.25, 0.3, 0.9, 0.95, tmp_path / "demo.png")
     monkeypatch.setattr(demo, "run_demo", lambda cfg, progress=None: result)
@@ -165,13 +165,13 @@ def test_error_line_keeps_square_brackets(tmp_path):
 
 
 def test_json_unexpected_failure_exits_1(monkeypatch, tmp_path):
-    import ddguide.shapes
+    import ddguide.shapes.dataset
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("disk on fire")
 
     monkeypatch.delenv("DDGUIDE_DEBUG", raising=False)
-    monkeypatch.setattr(ddguide.shapes, "generate", broken)
+    monkeypatch.setattr(ddguide.shapes.dataset, "generate", broken)
     r = cli("data", "shapes", tmp_path / "d", "--json")
     assert parsed(r, code=1) == {"ok": False, "command": "data shapes", "error": r.stderr.strip()}
     assert r.stderr.startswith("failed: RuntimeError: disk on fire")

@@ -8,11 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ddguide import models, oracles
 from ddguide.cli import app
-from ddguide.demo import DemoConfig, _read_images, run_demo
-from ddguide.errors import UserError
-from ddguide.generate import SampleConfig, sample
+from ddguide.core import runtime as models
+from ddguide.core.errors import UserError
+from ddguide.shapes import oracles
+from ddguide.shapes.demo import DemoConfig, _read_images, run_demo
+from ddguide.stages.sample import SampleConfig, sample
 
 CPU = torch.device("cpu")
 # bf16 against fp32, the same seeds, 8 guided DDIM samples of 10 steps on the shipped model: the mean absolute

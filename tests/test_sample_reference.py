@@ -58,8 +58,8 @@ def digest(folder: Path) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
     """The tiny model, a 3-class conditional tiny model, a classifier, a segmentation and a rejection head."""
-    from ddguide.models import save_model
-    from ddguide.shapes import ShapesConfig, generate
+    from ddguide.core.model import save_model
+    from ddguide.shapes.dataset import ShapesConfig, generate
 
     root = tmp_path_factory.mktemp("reference")
     data = generate(root / "data", ShapesConfig(n=12, size=16, seed=0))

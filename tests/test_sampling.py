@@ -2,8 +2,8 @@
 
 import torch
 
-from ddguide.diffusion import DiffusionConfig, alphas_cumprod, space_timesteps
-from ddguide.sampling import image_generators, per_image_randn, sample_ddim, sample_ddpm
+from ddguide.core.diffusion import DiffusionConfig, alphas_cumprod, space_timesteps
+from ddguide.core.sampling import image_generators, per_image_randn, sample_ddim, sample_ddpm
 
 MU, STD = 0.3, 0.2
 SHAPE = (3, 4, 4)
@@ -81,7 +81,7 @@ def test_a_step_hook_can_move_chains_with_their_generators():
 
 
 def test_a_denoiser_may_return_a_prediction_or_the_raw_output():
-    from ddguide.sampling import Prediction
+    from ddguide.core.sampling import Prediction
 
     abar = alphas_cumprod(DiffusionConfig(schedule="cosine"))
     kept = space_timesteps(1000, "ddim10")

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddguide import oracles, shapes
-from ddguide.errors import UserError
-from ddguide.shapes import ShapesConfig
+from ddguide.core.errors import UserError
+from ddguide.shapes import dataset as shapes
+from ddguide.shapes import oracles
+from ddguide.shapes.dataset import ShapesConfig
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -7,11 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddguide import artifacts
-from ddguide.features import ExtractConfig, extract
-from ddguide.checkpoint import checkpoint_path
-
 from conftest import torchrun
+from ddguide.core import artifacts
+from ddguide.core.checkpoint import checkpoint_path
+from ddguide.stages.extract import ExtractConfig, extract
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +29,13 @@ RANK_SCRIPT = """
 import sys
 import torch
 from pathlib import Path
-from ddguide import artifacts
-from ddguide.diffusion import DiffusionConfig
-from ddguide.models import process_shard
-from ddguide.train import TrainConfig, train, train_recipe
-from ddguide.training import Recipe, fit
-from ddguide.unet import PRESETS, UNetModel
+from ddguide.core import artifacts
+from ddguide.core.diffusion import DiffusionConfig
+from ddguide.core.runtime import process_shard
+from ddguide.stages.train import TrainConfig, train, train_recipe
+from ddguide.stages.training import Recipe, fit
+from ddguide.core.presets import PRESETS
+from ddguide.core.unet import UNetModel
 
 images, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(1)

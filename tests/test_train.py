@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ddguide import artifacts
 from ddguide.cli import app
-from ddguide.checkpoint import checkpoint_path
-from ddguide.train import TrainConfig, train, train_recipe
-from ddguide.training import Recipe, cpp_compiler_found
+from ddguide.core import artifacts
+from ddguide.core.checkpoint import checkpoint_path
+from ddguide.stages.train import TrainConfig, train, train_recipe
+from ddguide.stages.training import Recipe, cpp_compiler_found
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import inspect
 import pytest
 import torch
 
-from ddguide import artifacts, cli
-from ddguide.checkpoint import CheckpointMeta, RunState, checkpoint_path, restore_checkpoint, save_checkpoint
-from ddguide.errors import UserError
-from ddguide.finetune import FINETUNE_RECIPE, FinetuneConfig, finetune_recipe
-from ddguide.train import TRAIN_RECIPE, TrainConfig, train_recipe
-from ddguide.training import Recipe, ema_update, flat_config, run_identity
+from ddguide.cli import models as cli
+from ddguide.core import artifacts
+from ddguide.core.checkpoint import CheckpointMeta, RunState, checkpoint_path, restore_checkpoint, save_checkpoint
+from ddguide.core.errors import UserError
+from ddguide.stages.finetune import FINETUNE_RECIPE, FinetuneConfig, finetune_recipe
+from ddguide.stages.train import TRAIN_RECIPE, TrainConfig, train_recipe
+from ddguide.stages.training import Recipe, ema_update, flat_config, run_identity
 
 RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)}
 

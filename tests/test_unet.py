@@ -18,12 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import ddguide.unet as unet_mod
-from ddguide.convert import ConvertConfig, check_fits, convert
-from ddguide.diffusion import DiffusionConfig
-from ddguide.errors import UserError
-from ddguide.models import Model, load_model
-from ddguide.unet import DEFAULT_CHANNEL_MULT, PRESETS, UNetConfig, UNetModel
+import ddguide.core.unet as unet_mod
+from ddguide.core.diffusion import DiffusionConfig
+from ddguide.core.errors import UserError
+from ddguide.core.model import Model, load_model
+from ddguide.core.presets import DEFAULT_CHANNEL_MULT, PRESETS
+from ddguide.core.unet import UNetConfig, UNetModel
+from ddguide.stages.convert import ConvertConfig, check_fits, convert
 
 DATA = Path(__file__).parent / "data"
 MANIFESTS = json.loads((DATA / "adm_manifests.json").read_text())
@@ -415,7 +416,8 @@ def test_convert_refuses_wrong_flag(tmp_path, name, change, flag):
 def test_upsampling_blocks_are_the_resolution_doubling_output_blocks():
     import torch
 
-    from ddguide.unet import PRESETS, UNetModel
+    from ddguide.core.presets import PRESETS
+    from ddguide.core.unet import UNetModel
 
     assert UNetModel(PRESETS["shapes32"].unet).upsampling_blocks() == ["out.2", "out.5", "out.8"]
     with torch.device("meta"):  # resblock_updown variant

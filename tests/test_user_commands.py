@@ -12,13 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ddguide import artifacts
-from ddguide.cliargs import expand_lists
-from ddguide.guidance import head_input
-from ddguide.heads import calibrate_temperature, chance_warning, load_head
-from ddguide.shapes import ShapesConfig, generate
-
-from conftest import cli as run, expect_ok as ok, expect_user_error
+from conftest import cli as run
+from conftest import expect_ok as ok
+from conftest import expect_user_error
+from ddguide.cli.args import expand_lists
+from ddguide.core import artifacts
+from ddguide.method.guidance import head_input
+from ddguide.method.heads import load_head
+from ddguide.shapes.dataset import ShapesConfig, generate
+from ddguide.stages.train_head import calibrate_temperature, chance_warning
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,255 @@
+"""The paper's commands: `extract`, `train-head`, `sample` and `filter`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from ddguide.cli import (
+    ModelOpt,
+    _precision,
+    app,
+    artifact_config,
+    console,
+    handle_errors,
+    out_console,
+    progress_bar,
+    refuse_existing,
+    report,
+)
+from ddguide.cli.args import ListCommand
+from ddguide.cli.options import (
+    DeviceOpt,
+    PrecisionOpt,
+)
+from ddguide.core.defaults import (
+    DEFAULT_BLOCKS_RULE,
+    DEFAULT_TIMESTEPS,
+)
+from ddguide.core.errors import UserError
+
+# ----------------------------------------------------------------------------------------------- sample
+
+
+@app.command(cls=ListCommand)
+@handle_errors
+def sample(
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs, index.csv and grid.png.")] = Path("samples"),
+    model: ModelOpt = None,
+    n: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 16,
+    steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
+    sampler: Annotated[str, typer.Option(
+        help="ddim, or ddpm (ancestral: cleaner samples from the shipped model, see the model card).")] = "ddim",
+    eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like noise.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Image k uses seed + k.")] = 0,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    class_: Annotated[Optional[list[str]], typer.Option(
+        "--class", metavar="C ...", help="Class names or ids of a class-conditional model ('all' cycles evenly).")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option(
+        "--cfg", help="Classifier-free guidance weight w: eps = (1+w) eps(x,c) - w eps(x,null).")] = None,
+    guide: Annotated[Optional[list[str]], typer.Option(
+        metavar="HEAD[:w[:target]] ...", help="Heads to guide with; several multiply as a product of experts.")] = None,
+    target: Annotated[Optional[str], typer.Option(help=(
+        "Class the classifier heads should see. Default for a two-class head: its positive class 1 (also "
+        "spelt by the head's label, e.g. has_circle); 0 selects the other. HEAD:w:target sets it per head."))]
+        = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        help="Mask (PNG or .npy of class ids) for segmentation heads.")] = None,
+    lam: Annotated[float, typer.Option("--lambda", help=(
+        "Guidance scale lambda of Eq. 13, the paper's: the gradient is that of the heads' raw log-softmax "
+        "(temperature 1, whatever temperature train-head calibrated), so lambda means the same for every head. "
+        "x0_hat is clamped to [-1, 1] before the heads read it and the gradient passes the clamp unchanged, in "
+        "both --guide-grad modes."))] = 1.0,
+    guide_grad: Annotated[str, typer.Option(
+        help="full: differentiate through the denoiser (paper); x0: hold eps constant (cheaper).")] = "full",
+    guide_window: Annotated[Optional[tuple[int, int]], typer.Option(
+        help="Guide only while LO <= t <= HI (schedule indices), given as HI LO.")] = None,
+    guide_model: Annotated[Optional[Path], typer.Option(
+        help="The model whose features the heads read, when it is not --model (e.g. the unconditional model a "
+             "class-conditional --model was fine-tuned from).")] = None,
+    reject: Annotated[Optional[Path], typer.Option(
+        help="Rejection head (on the unconditional model's features): keep drawing until -n images of each "
+             "class are accepted.")] = None,
+    threshold: Annotated[float, typer.Option(help="Accept a sample when the rejection head's p(class) >= this.")] = 0.2,
+    reject_model: Annotated[Optional[Path], typer.Option(
+        help="The unconditional model the rejection head reads (default: the shipped model).")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Sample images: unconditional, guided by heads (--guide), by class (--class, --cfg, --reject), or both."""
+    from ddguide.stages.sample import RejectSpec, SampleConfig
+    from ddguide.stages.sample import sample as run_sample
+
+    precision = _precision(precision, device)
+    cfg = SampleConfig(
+        out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
+        batch=batch, device=device, precision=precision, guides=list(guide or []), target=target,
+        mask=str(mask) if mask else None, lam=lam, guide_grad=guide_grad, guide_window=guide_window,
+        guide_model=str(guide_model) if guide_model else None,
+        classes=list(class_ or []), cfg_scale=cfg_scale,
+        reject=RejectSpec(str(reject), threshold, str(reject_model) if reject_model else None) if reject else None)
+    cfg.validate()
+    with progress_bar("accepted" if reject else "sampling") as bar:
+        result = run_sample(cfg, progress=bar.update)
+    if result.per_class is not None:
+        _acceptance_table(result)
+        out_console.print(f"wrote {result.kept} accepted images, index.csv and grid.png to {out}")
+        report(out=out, images=result.kept, kept=result.kept, per_class=result.per_class)
+        return
+    out_console.print(f"wrote {n} images, index.csv and grid.png to {result.out}")
+    report(out=result.out, images=n)
+
+
+# ----------------------------------------------------------------------------------------------- method
+
+
+@app.command(cls=ListCommand)
+@handle_errors
+def extract(
+    data: Annotated[Path, typer.Argument(help="Image folder (flat, or class sub-folders whose names are labels).")],
+    out: Annotated[Path, typer.Option(help="Features artifact to write (.safetensors).")],
+    model: ModelOpt = None,
+    timesteps: Annotated[list[str], typer.Option(metavar="T ...", help=(
+        "Feature timesteps T_f, or auto (with --blocks auto: sweep 10, 30, 50 and 80 % of the model's steps)."))]
+        = list(map(str, DEFAULT_TIMESTEPS)),
+    blocks: Annotated[list[str], typer.Option(metavar="BLOCK ...", help=(
+        "Blocks to tap: in.<i>, mid, out.<i>; or auto: a held-out sweep over mid and the decoder's upsampling "
+        "blocks (alone and with a neighbour) x the timesteps, on the labelled images; it prints the table and "
+        "keeps the best. Default: " + DEFAULT_BLOCKS_RULE + ", chosen by measurement (README, "
+        "benchmarks/taps.py)."), show_default=False)] = [],
+    noise: Annotated[str, typer.Option(help="none: clean image (official code); fixed: q(x_T|x0) with a fixed "
+                                            "seed per image (Baranchuk et al.).")] = "none",
+    seed: Annotated[int, typer.Option(help="Seed of the fixed noise.")] = 0,
+    labels: Annotated[Optional[Path], typer.Option(help="Attribute table: CSV file,attr,... or "
+                                                        "list_attr_celeba.txt.")] = None,
+    label: Annotated[Optional[str], typer.Option(help="The attribute column to use.")] = None,
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of masks (PNG or .npy) paired by file stem.")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    storage: Annotated[str, typer.Option(help="fp32 or fp16 on disk.")] = "fp32",
+    resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Extract denoiser features (native resolution, streamed to disk) with labels or masks."""
+    from ddguide.core.runtime import is_main_process
+    from ddguide.stages.extract import ExtractConfig
+    from ddguide.stages.extract import extract as run
+    from ddguide.stages.tapsweep import AUTO, extract_auto
+
+    precision = _precision(precision, device)
+
+    auto_blocks, auto_times = blocks == [AUTO], timesteps == [AUTO]
+    if (AUTO in blocks and not auto_blocks) or (AUTO in timesteps and not auto_times):
+        raise UserError("auto stands alone: --blocks auto, --timesteps auto")
+    if auto_times and not auto_blocks:
+        raise UserError("--timesteps auto goes with --blocks auto")
+    cfg = ExtractConfig(data=str(data), out=str(out), model=str(model) if model else None,
+                        blocks=tuple(blocks) if not auto_blocks else (), noise=noise, seed=seed,
+                        timesteps=() if auto_times else _int_list(timesteps, "--timesteps"),
+                        labels=str(labels) if labels else None, label=label, masks=str(masks) if masks else None,
+                        batch=batch, storage=storage, device=device, precision=precision, resize=resize)
+    if auto_blocks:
+        with progress_bar("choosing taps") as bar:
+            path, rows = extract_auto(cfg, auto_blocks=True, auto_times=auto_times, progress=bar.update)
+        table = Table(title="held-out accuracy of a linear probe per tap set (k-fold on the labelled images)")
+        for column in ("blocks", "timesteps", "accuracy", "spread", "channels"):
+            table.add_column(column, justify="left" if column in ("blocks", "timesteps") else "right")
+        for row in rows:
+            table.add_row(" ".join(row.blocks), " ".join(map(str, row.timesteps)), f"{row.accuracy:.3f}",
+                          f"{row.spread:.3f}", str(row.channels))
+        console.print(table)
+        best = rows[0]
+        console.print(f"chose --blocks {' '.join(best.blocks)} --timesteps {' '.join(map(str, best.timesteps))}",
+                      highlight=False)
+        report(sweep=[row.to_dict() for row in rows])
+    else:
+        with progress_bar("extracting") as bar:
+            path = run(cfg, progress=bar.update)
+    if is_main_process():  # under torchrun, rank 0 joined the parts
+        out_console.print(f"wrote {path}")
+        written = artifact_config(path)
+        spec = written.get("spec", {})
+        report(out=path, images=written.get("count"), blocks=spec.get("blocks"), timesteps=spec.get("timesteps"))
+
+
+def _int_list(values: list[str], name: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in values)
+    except ValueError:
+        raise UserError(f"{name}: expected whole numbers, got {' '.join(values)}") from None
+    if any(v < 0 for v in numbers):
+        raise UserError(f"{name}: values must not be negative")
+    return numbers
+
+
+@app.command("train-head", cls=ListCommand)
+@handle_errors
+def train_head(
+    features: Annotated[Path, typer.Argument(help="Features artifact from `ddguide extract`.")],
+    out: Annotated[Path, typer.Option(help="Head artifact to write.")],
+    kind: Annotated[str, typer.Option(help="classifier, segmentation, rejection or pixel (DDIM-I).")] = "classifier",
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps (default depends on --kind).")] = None,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share for the metric and calibration.")] = 0.2,
+    blocks: Annotated[Optional[list[str]], typer.Option(metavar="BLOCK ...", help="Use only these of the extracted blocks.")] = None,
+    timesteps: Annotated[Optional[list[int]], typer.Option(metavar="T ...", help="Use only these extracted timesteps.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, initialisation and batches.")] = 0,
+) -> None:
+    """Train a head on denoiser features (or on pixels, --kind pixel)."""
+    from ddguide.method.heads import load_head
+    from ddguide.stages.train_head import TrainHeadConfig, chance_warning
+    from ddguide.stages.train_head import train_head as run
+
+    cfg = TrainHeadConfig(features=str(features), out=str(out), kind=kind, steps=steps, batch=batch, lr=lr,
+                          val_fraction=val_fraction, seed=seed, blocks=tuple(blocks) if blocks else None,
+                          timesteps=tuple(timesteps) if timesteps else None)
+    with progress_bar("training head") as bar:
+        path = run(cfg, progress=bar.update)
+    head = load_head(path)
+    warning = chance_warning(head.cfg.metrics)
+    if warning:
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True, markup=True)
+    metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.cfg.metrics.items())
+    out_console.print(f"wrote {path} ({metrics}; temperature {head.cfg.temperature:.2f})")
+    report(out=path, kind=head.cfg.kind, metrics=head.cfg.metrics, temperature=head.cfg.temperature)
+
+
+@app.command("filter", cls=ListCommand)
+@handle_errors
+def filter_command(
+    folder: Annotated[Path, typer.Argument(help="Samples folder with an index.csv holding a class column.")],
+    head: Annotated[Path, typer.Option(help="Rejection head (train-head --kind rejection).")],
+    out: Annotated[Path, typer.Option(help="Folder for the accepted samples.")],
+    threshold: Annotated[float, typer.Option(help="Keep a sample when p(its class) >= this (paper: 0.2).")] = 0.2,
+    model: Annotated[Optional[Path], typer.Option(
+        help="The unconditional model the head reads (default: the shipped model).")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Keep the samples that a rejection head on the unconditional model's features accepts."""
+    from ddguide.core.runtime import is_main_process
+    from ddguide.stages.filter import FilterConfig, filter_folder
+
+    refuse_existing(out)
+    with progress_bar("filtering") as bar:
+        result = filter_folder(FilterConfig(str(folder), str(head), str(out), threshold,
+                                            str(model) if model else None, batch, device), progress=bar.update)
+    if is_main_process():  # under torchrun every rank knows the result; one prints it
+        _acceptance_table(result)
+        out_console.print(f"kept {result.kept} of {result.total} samples in {out}")
+        report(out=out, kept=result.kept, total=result.total, per_class=result.per_class)
+
+
+def _acceptance_table(result: Any) -> None:
+    table = Table(title="acceptance per class")
+    for column in ("class", "accepted", "drawn", "rate"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, (kept, seen) in result.per_class.items():
+        table.add_row(str(name), str(kept), str(seen), f"{kept / max(seen, 1):.2f}")
+    out_console.print(table)

@@ -1,0 +1,137 @@
+"""The evaluation commands: `fid` and `cas`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ddguide.cli import (
+    ModelOpt,
+    app,
+    console,
+    handle_errors,
+    out_console,
+    progress_bar,
+    report,
+)
+from ddguide.cli.args import ListCommand
+from ddguide.cli.options import (
+    BatchOpt,
+    CasSeedOpt,
+    DeviceOpt,
+    LrOpt,
+    PrecisionOpt,
+    ThreadsOpt,
+)
+
+# --- fid ---
+
+
+@app.command("fid", cls=ListCommand)
+@handle_errors
+def fid_command(
+    a: Annotated[Path, typer.Argument(help="Image folder, samples folder (with index.csv), index.csv, "
+                                           "fid-stats .safetensors or pytorch-fid .npz.")],
+    b: Annotated[Optional[Path], typer.Argument(help="The set to compare A with (same kinds as A); "
+                                                     "may be left out with --save-stats.")] = None,
+    features: Annotated[str, typer.Option(
+        help="inception (the standard FID; needs pytorch-fid's Inception weights), denoiser (mid-block features "
+             "of --model at --timestep; offline, comparable only with itself) or auto (inception when its "
+             "weights are found).")] = "auto",
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        help="pt_inception-2015-12-05-6726825d.pth or .safetensors (default: $DDGUIDE_INCEPTION_WEIGHTS, then "
+             "$TORCH_HOME/hub/checkpoints/ where pytorch-fid keeps it).")] = None,
+    model: ModelOpt = None,
+    timestep: Annotated[int, typer.Option(help="Feature timestep T_f of denoiser features.")] = 100,
+    save_stats: Annotated[Optional[Path], typer.Option(
+        help="Write A's statistics to this fid-stats .safetensors, to pass later instead of A.")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 50,
+    resize: Annotated[str, typer.Option(
+        help="Denoiser features need the model's image size: refuse, resize or center-crop other sizes.")] = "refuse",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fréchet distance between two image sets (pytorch-fid compatible with inception features)."""
+    from ddguide.metrics.fid import FidConfig, run_fid
+
+    cfg = FidConfig(a=str(a), b=str(b) if b is not None else None, features=features,
+                    inception_weights=str(inception_weights) if inception_weights else None,
+                    model=str(model) if model else None, timestep=timestep, batch=batch, device=device,
+                    save_stats=str(save_stats) if save_stats else None, resize=resize)
+    with progress_bar("features") as bar:  # appears at the first image batch: stats-only runs show none
+        result = run_fid(cfg, progress=lambda label, done, total: bar.update(done, total, label))
+    console.print(f"using {result.note}", highlight=False)
+    if result.saved is not None:
+        console.print(f"wrote statistics of {a} ({result.a.n} images) to {result.saved}", highlight=False)
+    if result.fid is not None:
+        sizes = " vs ".join(str(s.n) if s.n else "?" for s in (result.a, result.b))
+        console.print(f"{result.feature_space}, {sizes} images", highlight=False)
+        out_console.print(f"FID {result.fid:.4f}", highlight=False)
+    report(**({"out": result.saved} if result.saved is not None else {}), fid=result.fid,
+           feature_space=result.feature_space, n_a=result.a.n, n_b=result.b.n if result.b is not None else None)
+
+
+# --- end finetune ---
+
+
+# --- cas ---
+
+
+@app.command("cas", cls=ListCommand)
+@handle_errors
+def cas_command(
+    train: Annotated[list[Path], typer.Option(
+        metavar="DIR ...", help="Training images (several combine): labelled folders or samples folders with a class column.")],
+    test: Annotated[Path, typer.Option(
+        help="REAL labelled test images (class folders, Tiny ImageNet's root or val/ folder).")],
+    arch: Annotated[str, typer.Option(
+        help="resnet18, resnet34, resnet50, wide_resnet50_2 or resnext50_32x4d.")] = "resnet18",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
+    batch: BatchOpt = 256,
+    lr: LrOpt = 1e-3,
+    milestones: Annotated[tuple[int, int], typer.Option(
+        help="The two epochs at which the learning rate is multiplied by 0.1, e.g. --milestones 20 30.")] = (20, 30),
+    mixup_cutmix: Annotated[float, typer.Option(
+        help="Probability that a batch is mixed by mixup or cutmix (evenly; Beta(1,1) weights).")] = 0.0,
+    out: Annotated[Path, typer.Option(
+        help="Report artifact to write; a checkpoint is kept beside it (rerun the same command to resume).")]
+        = Path("cas_report.safetensors"),
+    stem: Annotated[str, typer.Option(
+        help="auto (3x3 stride-1 stem without max-pool for images of 64 px or less), small or imagenet.")] = "auto",
+    image_size: Annotated[Optional[int], typer.Option(
+        help="Classifier input side (default: the test images' side).")] = None,
+    resize: Annotated[str, typer.Option(
+        help="Images of another size: refuse, resize or center-crop.")] = "refuse",
+    seed: CasSeedOpt = 0,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+) -> None:
+    """Classification Accuracy Score: train a classifier on (synthetic) data, test it on real data."""
+    from ddguide.stages.cas import CasConfig
+    from ddguide.stages.cas import cas as run
+
+    cfg = CasConfig(train=[str(t) for t in train], test=str(test), out=str(out), arch=arch, epochs=epochs,
+                    batch=batch, lr=lr, milestones=list(milestones), mixup_cutmix=mixup_cutmix, stem=stem,
+                    image_size=image_size, resize=resize, seed=seed, precision=precision, device=device,
+                    threads=threads)
+    with progress_bar("CAS") as bar:
+        result = run(cfg, progress=bar.update)
+    table = Table(title="Classification Accuracy Score (real test set)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("top-1", f"{100 * result.top1:.2f}%")
+    table.add_row(f"top-{result.k}", f"{100 * result.top5:.2f}%")
+    table.add_row("train / test images", f"{result.n_train} / {result.n_test}")
+    worst = sorted(result.per_class.items(), key=lambda kv: kv[1])
+    shown = worst if len(worst) <= 12 else worst[:5] + worst[-5:]
+    for name, acc in shown:
+        table.add_row(f"class {name}", f"{100 * acc:.1f}%")
+    out_console.print(table)
+    if len(worst) > len(shown):
+        out_console.print(f"(the 5 worst and 5 best of {len(worst)} classes; all are in {result.report})")
+    out_console.print(f"wrote {result.report}")
+    report(out=result.report, top1=result.top1, topk=result.top5, k=result.k, n_train=result.n_train,
+           n_test=result.n_test, per_class=result.per_class)

@@ -1,0 +1,184 @@
+"""Model artifacts: a U-Net plus the diffusion it was trained with, adapted once into a denoiser.
+
+After :func:`load_model` no code cares where the weights came from: ``model(x_t, t)`` takes schedule indices
+``t`` (rescaling them for improved-diffusion models) and ``model.features(x, t, blocks)`` returns feature taps.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from ddguide.core import artifacts
+from ddguide.core.diffusion import DiffusionConfig, alphas_cumprod, split_output
+from ddguide.core.errors import UserError
+from ddguide.core.runtime import autocast
+from ddguide.core.unet import UNetConfig, UNetModel
+
+DEFAULT_MODEL = "shapes32.safetensors"
+
+
+class Model(nn.Module):
+    """An ADM network with its diffusion settings. ``forward(x_t, t, y)`` returns the raw network output."""
+
+    def __init__(self, net: UNetModel, diffusion: DiffusionConfig, *, fingerprint: str = "",
+                 classes: list[str] | None = None, info: dict[str, Any] | None = None):
+        super().__init__()
+        self.net = net
+        self.diffusion = diffusion
+        self.fingerprint = fingerprint
+        self.classes = classes
+        self.info = dict(info or {})
+        self.source_path: Path | None = None  # the file it was loaded from (set by load_model)
+        self.abar = alphas_cumprod(diffusion)  # float64 (T,), kept on the CPU: not a parameter
+
+    @property
+    def image_size(self) -> int:
+        return self.net.cfg.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x, self.diffusion.model_time(t), y)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, blocks: Iterable[str],
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Feature taps for images ``x`` at schedule indices ``t`` (no noise is added here)."""
+        return self.net.features(x, self.diffusion.model_time(t), blocks, y)
+
+    def meta(self) -> artifacts.ModelMeta:
+        """The typed config its artifact stores."""
+        return artifacts.ModelMeta(unet=self.net.cfg.to_dict(), diffusion=self.diffusion.to_dict(),
+                                   classes=self.classes, info=self.info)
+
+    def config(self) -> dict[str, Any]:
+        """The JSON object its artifact stores as config."""
+        return self.meta().to_metadata()
+
+
+def save_model(path: str | os.PathLike, model: Model, *, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Write a ``model`` artifact (weights as float32 unless given otherwise); returns its fingerprint."""
+    sd = state_dict if state_dict is not None else model.net.state_dict()
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    fp = artifacts.fingerprint(sd)
+    artifacts.save(path, sd, config=model.meta(), fingerprint=fp)
+    model.fingerprint = fp
+    return fp
+
+
+def default_model_path() -> Path:
+    """The unconditional model shipped inside the package."""
+    return Path(str(resources.files("ddguide") / "assets" / DEFAULT_MODEL))
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Model:
+    """Load a ``model`` artifact (None = the shipped default) in eval mode on ``device``."""
+    path = Path(path) if path is not None else default_model_path()
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        raise UserError(f"{path}: a PyTorch checkpoint; convert it first with `ddguide convert {path} --out "
+                        f"{path.with_suffix('.safetensors').name}`")
+    art = artifacts.load(path, "model")
+    model = model_from_artifact(art).to(device).eval()
+    model.source_path = path
+    return model
+
+
+def model_from_artifact(art: artifacts.Artifact) -> Model:
+    """The model a loaded ``model`` artifact describes, its config checked before any network is built."""
+    meta = artifacts.ModelMeta.from_metadata(art.config, art.path)
+    unet_cfg, diffusion = model_config(meta, art.path)
+    check_tensors_fit(unet_cfg, art.tensors, art.path)  # before any network is built
+    with torch.device("meta"):  # no random initialisation to overwrite: the file's tensors become the weights
+        net = UNetModel(unet_cfg)
+    net.load_state_dict({k: v.float() for k, v in art.tensors.items()}, assign=True)
+    return Model(net, diffusion, fingerprint=art.fingerprint, classes=meta.classes, info=meta.info)
+
+
+# architecture bounds a model config must keep to (published ADM models are far inside them)
+UNET_LIMITS = {"image_size": 4096, "in_channels": 64, "model_channels": 4096, "out_channels": 128,
+               "num_res_blocks": 32, "num_heads": 256, "num_head_channels": 4096, "num_heads_upsample": 256,
+               "norm_groups": 4096, "num_classes": 1_000_000}
+
+
+def model_config(config: dict[str, Any] | artifacts.ModelMeta,
+                 path: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig]:
+    """The U-Net and diffusion sections of a model artifact's config, type- and range-checked."""
+    meta = config if isinstance(config, artifacts.ModelMeta) else artifacts.ModelMeta.from_metadata(config, path)
+    unet = artifacts.check_fields(UNetConfig, meta.unet, f"{path}: U-Net config")
+    for name, limit in UNET_LIMITS.items():
+        value = unet.get(name)
+        if isinstance(value, int) and not (value >= 1 or (value == -1 and name.startswith("num_head"))):
+            raise UserError(f"{path}: U-Net config {name} must be >= 1, found {value}")
+        if isinstance(value, int) and value > limit:
+            raise UserError(f"{path}: U-Net config {name} {value} is beyond ddguide's limit of {limit}")
+    mult, attn = unet.get("channel_mult", [1]), unet.get("attention_resolutions", [])
+    if not 1 <= len(mult) <= 8 or any(not 0 < m <= 64 for m in mult) or len(attn) > 16:
+        raise UserError(f"{path}: U-Net config channel_mult or attention_resolutions out of range")
+    artifacts.check_fields(DiffusionConfig, meta.diffusion, f"{path}: diffusion config")
+    if not 1 <= meta.diffusion.get("steps", 1) <= 100_000:
+        raise UserError(f"{path}: diffusion steps must be in 1..100000")
+    return UNetConfig.from_dict(unet), DiffusionConfig.from_dict(meta.diffusion)
+
+
+def config_shapes(cfg: UNetConfig, path: str | os.PathLike = "the config") -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the network a config builds, on the meta device (no memory is allocated)."""
+    try:
+        with torch.device("meta"):
+            net = UNetModel(cfg)
+    except (UserError, ValueError, TypeError, ZeroDivisionError, RuntimeError, AssertionError, KeyError) as e:
+        raise UserError(f"{path}: its U-Net config does not build a network ({str(e)[:120]})") from None
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def check_tensors_fit(cfg: UNetConfig, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """The file's tensors must be exactly the network its config describes (names, shapes, floating dtypes):
+    so the parameter count a config implies is the one the file holds, checked before anything is built."""
+    expected = config_shapes(cfg, path)
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        shaped = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        n_expected = sum(_numel(s) for s in expected.values())
+        n_found = sum(_numel(s) for s in found.values())
+        raise UserError(f"{path}: weights do not fit the architecture in its own config ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(shaped)} mis-shaped tensors; the config implies "
+                        f"{n_expected:,} parameters, the file holds {n_found:,})")
+    wrong = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if wrong:
+        raise UserError(f"{path}: tensor {wrong[0]} is {tensors[wrong[0]].dtype}, expected floating-point weights")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def denoiser(model: Model, labels: torch.Tensor | None = None, *, precision: str = "fp32") -> "LabelledDenoiser":
+    """The base denoiser of a model: ``denoise(x_t, t, y=None) -> Prediction``, the only place that runs the
+    network under autocast and splits its learned-variance channels. ``labels`` are the default class labels of
+    a class-conditional model (``y`` overrides them for one call); gradients are left to the caller (the samplers
+    run without them, guidance turns them on)."""
+    from ddguide.core.sampling import Prediction
+
+    default = None if labels is None else labels.to(model.device)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Prediction:
+        y = default[: len(x)] if y is None and default is not None else y
+        with autocast(x.device, precision):
+            out = model(x, t, y).float()
+        return Prediction(*split_output(out, x.shape[1]))
+
+    return denoise
+
+
+LabelledDenoiser = Any  # Callable[[Tensor, Tensor, Tensor | None], Prediction]

@@ -1,0 +1,134 @@
+"""Where and how a network runs: the device (``--device auto`` picks CUDA when present), the precision
+(``--precision auto``: bf16 autocast where the device has fast bf16), and the torchrun shard of this process
+(rank, world size, the slice of the work it does, gathering results, barriers)."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from typing import Any, Iterator
+
+import torch
+
+from ddguide.core.errors import UserError
+
+
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) of this process under ``torchrun`` (which sets RANK and WORLD_SIZE), else (0, 1)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
+def is_main_process() -> bool:
+    """True in a single process and in rank 0 of a ``torchrun`` group: the process that writes and reports."""
+    return process_shard()[0] == 0
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """The consecutive slice ``[lo, hi)`` of ``n`` items that this torchrun rank works on (all of them alone)."""
+    rank, world = process_shard()
+    return n * rank // world, n * (rank + 1) // world
+
+
+def join_process_group(device: torch.device) -> None:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) once per process; it is left at exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+
+
+def all_gather(value: Any, device: torch.device) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in a single process."""
+    world = process_shard()[1]
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    join_process_group(device)
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier(device: torch.device) -> None:
+    """Wait for every rank of a torchrun group (nothing to wait for in a single process)."""
+    if process_shard()[1] > 1:
+        import torch.distributed as dist
+
+        join_process_group(device)
+        dist.barrier()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per torchrun process
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast runs the U-Net faster than fp32 on ``device``: a CUDA device with bf16 support,
+    or a CPU whose oneDNN has native bf16 (avx512_bf16 / AMX: benchmarks/unet_speed.py measures 1.9x on the
+    121M-parameter ADM-64 forward, ~1.2x on the shipped model). Without native bf16 a CPU emulates it, slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device, *, compile: bool = False) -> str:
+    """``auto`` becomes bf16 where :func:`bf16_is_fast` (and not for ``--compile`` on the CPU, whose compiled
+    bf16 backward is wrong), fp32 otherwise; other values are returned as they are."""
+    if precision != "auto":
+        return precision
+    if compile and device.type == "cpu":
+        return "fp32"
+    return "bf16" if bf16_is_fast(device) else "fp32"
+
+
+def describe_precision(precision: str, device: torch.device, *, compile: bool = False) -> str:
+    """One line saying which precision a run uses, and why when it was ``auto``."""
+    chosen = resolve_precision(precision, device, compile=compile)
+    name = "bf16 autocast" if chosen == "bf16" else ("fp16 autocast" if chosen == "fp16" else chosen)
+    if precision != "auto":
+        return f"precision: {name}"
+    why = ("--compile on the CPU" if compile and device.type == "cpu" and bf16_is_fast(device) else
+           f"{device.type} {'has' if chosen == 'bf16' else 'lacks'} fast bf16")
+    return f"precision: {name} (auto: {why}{'; --precision fp32 for full precision' if chosen == 'bf16' else ''})"
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """bf16 autocast on request (fp16 is refused on the CPU, where ADM's derivatives fail in half precision);
+    ``auto`` as :func:`resolve_precision` decides."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        yield
+        return
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise UserError("--precision fp16 needs CUDA; on the CPU use fp32 or bf16")
+        with torch.autocast("cuda", dtype=torch.float16):
+            yield
+        return
+    raise UserError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")

@@ -1,0 +1,154 @@
+"""`ddguide extract`: denoiser features of an image folder, written as a ``features`` artifact.
+
+Features are stored at native resolution (never upsampled on disk) and streamed batch by batch, so peak memory
+is one batch; under torchrun each rank writes a part and the last to finish joins them. The features themselves
+(what a tap is, how T_f noise is drawn) are :mod:`ddguide.method.features`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ddguide.core import artifacts
+from ddguide.core.data import (
+    attribute_labels,
+    list_images,
+    load_image,
+    paired_masks,
+    to_tensor,
+)
+from ddguide.core.defaults import DEFAULT_TIMESTEPS
+from ddguide.core.errors import UserError
+from ddguide.core.model import load_model
+from ddguide.core.runtime import (
+    autocast,
+    barrier,
+    is_main_process,
+    process_shard,
+    resolve_device,
+    shard_bounds,
+)
+from ddguide.method.features import FeatureSpec, compute
+
+
+@dataclass
+class ExtractConfig:
+    data: str
+    out: str
+    model: str | None = None
+    blocks: tuple[str, ...] = ()  # () = the model's default taps (UNetModel.default_taps)
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
+    noise: str = "none"
+    seed: int = 0
+    labels: str | None = None  # attribute table (CSV or list_attr_celeba.txt)
+    label: str | None = None  # its column
+    masks: str | None = None  # folder of PNG / .npy masks paired by stem
+    batch: int = 16
+    storage: str = "fp32"
+    device: str = "auto"
+    precision: str = "fp32"
+    resize: str = "refuse"
+
+
+def image_list_hash(files: Sequence[Path], root: str | Path) -> str:
+    """Hash of the relative paths and sizes of the images, so a head can tell which data it saw."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(os.fsencode(f.relative_to(root).as_posix()) + f":{f.stat().st_size}\n".encode())  # any name
+    return h.hexdigest()[:16]
+
+
+def _labels(cfg: ExtractConfig, files: list[Path], size: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-image targets: an attribute column, paired masks, or the class sub-folder."""
+    root = Path(cfg.data)
+    if cfg.labels or cfg.label:
+        if not (cfg.labels and cfg.label):
+            raise UserError("--labels and --label go together (the file and the attribute column)")
+        return {"labels": attribute_labels(files, root, cfg.labels, cfg.label)}, {"label": cfg.label,
+                                                                                    "classes": ["0", "1"]}
+    if cfg.masks:
+        masks = paired_masks(files, cfg.masks, size)
+        if masks.min() < 0 or masks.max() > 255:
+            raise UserError(f"{cfg.masks}: mask ids must be in 0..255")
+        return {"masks": masks.to(torch.uint8)}, {"label": "mask", "mask_classes": int(masks.max()) + 1}
+    parents = sorted({f.parent for f in files})
+    if len(parents) > 1 and all(p.parent == parents[0].parent for p in parents):  # class sub-folders
+        names = [p.name for p in parents]
+        labels = torch.tensor([names.index(f.parent.name) for f in files], dtype=torch.long)
+        return {"labels": labels}, {"label": "class", "classes": names}
+    return {}, {"label": None}
+
+
+def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a ``features`` artifact: taps per (block, T_f) at native resolution, the images and their targets."""
+    if cfg.batch < 1:
+        raise UserError("--batch must be >= 1")
+    if cfg.storage not in ("fp32", "fp16"):
+        raise UserError(f"unknown storage {cfg.storage!r} (fp32, fp16)")
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device)
+    # No gradients here: weights that required them would each leave a bf16 copy in autocast's cache for the
+    # whole pass (1.1 GB at the ffhq layout).
+    model.requires_grad_(False)
+    spec = FeatureSpec(tuple(cfg.blocks) or model.net.default_taps(), tuple(cfg.timesteps), cfg.noise, cfg.seed)
+    spec.check(model)
+    files = list_images(cfg.data)
+    size, n = model.image_size, len(files)
+    targets, label_info = _labels(cfg, files, size)
+
+    # under torchrun each rank extracts a consecutive slice of the images into a part; rank 0 joins the parts
+    rank, world = process_shard()
+    lo, hi = shard_bounds(n)
+    dtype = torch.float16 if cfg.storage == "fp16" else torch.float32
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((hi - lo, size, size, 3), torch.uint8)}
+    for t in spec.timesteps:
+        for b in spec.blocks:
+            side = size // model.net.block_downsampling(b)
+            layout[spec.key(b, t)] = ((hi - lo, model.net.block_channels(b), side, side), dtype)
+    layout.update({k: ((hi - lo, *v.shape[1:]), v.dtype) for k, v in targets.items()})
+    meta = artifacts.FeaturesMeta(spec=spec.to_dict(), image_size=size, model=model.fingerprint, count=n,
+                                  images_hash=image_list_hash(files, cfg.data), storage=cfg.storage, **label_info)
+    out = Path(cfg.out) if world == 1 else _part_path(cfg.out, rank, world)
+
+    with artifacts.StreamingWriter(out, layout, config=meta, fingerprint=model.fingerprint) as writer:
+        for k, v in targets.items():
+            writer.write(k, 0, v[lo:hi])
+        for start in range(lo, hi, cfg.batch):
+            batch = np.stack([load_image(f, size, cfg.resize) for f in files[start:min(start + cfg.batch, hi)]])
+            x = to_tensor(batch).to(device)
+            with torch.no_grad(), autocast(device, cfg.precision):
+                feats = compute(model, x, spec, range(start, start + len(batch)))  # noise follows the image index
+            for key, value in feats.items():
+                if not torch.isfinite(value).all():
+                    raise UserError(f"non-finite values in features {key}: the model or the images are broken")
+                writer.write(key, start - lo, value.float())
+            writer.write("images", start - lo, torch.from_numpy(batch))
+            if progress:
+                progress(start - lo + len(batch), hi - lo)
+    if world > 1:
+        _join_parts(cfg.out, world, meta, model.fingerprint, device)
+    return Path(cfg.out)
+
+
+def _part_path(out: str | Path, rank: int, world: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.part{rank}of{world}{out.suffix}")
+
+
+def _join_parts(out: str | Path, world: int, meta: artifacts.FeaturesMeta, fingerprint: str,
+                device: torch.device) -> None:
+    """Every rank waits for the others' parts; rank 0 joins them into ``out`` and removes them."""
+    barrier(device)
+    if is_main_process():
+        parts = [_part_path(out, r, world) for r in range(world)]
+        artifacts.join_row_parts(out, parts, config=meta, fingerprint=fingerprint)
+        for part in parts:
+            part.unlink()
+    barrier(device)  # every rank returns once the joined artifact exists

@@ -1,0 +1,96 @@
+"""`ddguide filter DIR --head H --threshold T --out KEPT`: the samples of a folder that a rejection head accepts
+(paper §5.3; the head and its threshold are in ``rejection.py``, which ``sample --reject`` uses inside its loop)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ddguide.core.data import load_image
+from ddguide.core.errors import UserError
+from ddguide.core.outputs import staged_folder
+from ddguide.core.runtime import (
+    all_gather,
+    barrier,
+    is_main_process,
+    process_shard,
+    resolve_device,
+    shard_bounds,
+)
+from ddguide.core.samples import (
+    GRID,
+    GRID_IMAGES,
+    read_samples,
+    write_grid,
+    write_index,
+)
+from ddguide.method.rejection import Rejector, check_threshold
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FilterResult:
+    kept: int
+    total: int
+    per_class: dict[str, tuple[int, int]]  # class -> (kept, seen)
+
+
+@dataclass
+class FilterConfig:
+    folder: str
+    head: str
+    out: str
+    threshold: float = 0.2
+    model: str | None = None  # the unconditional model the head was trained on
+    batch: int = 64
+    device: str = "auto"
+
+
+def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> FilterResult:
+    """Copy the samples of a folder (with an index.csv holding a class column) that the head accepts."""
+    check_threshold(cfg.threshold)
+    folder, out = Path(cfg.folder), Path(cfg.out)
+    samples = read_samples(folder, require=("class",))  # every file inside the folder, and there
+    rows, files = [r.values for r in samples], [r.path for r in samples]
+    device = resolve_device(cfg.device)
+    rejector = Rejector.load(cfg.head, cfg.model, device)
+    targets = [rejector.class_index(r["class"]) for r in rows]
+
+    # under torchrun each rank scores a consecutive slice of the rows; every rank then sees all probabilities
+    lo, hi = shard_bounds(len(rows))
+    probs: list[float] = []
+    for start in range(lo, hi, cfg.batch):
+        chunk = rows[start:min(start + cfg.batch, hi)]
+        images = np.stack([load_image(f) for f in files[start:start + len(chunk)]])
+        probs += rejector.probabilities(images, targets[start:start + len(chunk)],
+                                        [r.number(start + i) for i, r in enumerate(samples[start:start + len(chunk)])]
+                                        ).tolist()
+        if progress:
+            progress(start - lo + len(chunk), hi - lo)
+    probs = [p for part in all_gather(probs, device) for p in part]
+
+    keep = [r | {"reject_prob": round(p, 4)} for r, p in zip(rows, probs) if p >= cfg.threshold]
+    if not keep:
+        raise UserError(f"no sample reaches p >= {cfg.threshold}; nothing written (highest p {max(probs):.3f})")
+    world = process_shard()[1]
+    with staged_folder(out, "output", in_place=world > 1) as stage:
+        for i in range(lo, hi):  # each rank copies the accepted images of its own slice
+            if probs[i] >= cfg.threshold:
+                target = stage / files[i].relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(files[i], target)
+        barrier(device)
+        if is_main_process():
+            write_index(stage, keep)
+            write_grid(stage / GRID, [load_image(stage / r["file"]) for r in keep[:GRID_IMAGES]])
+        barrier(device)  # every rank returns once the index exists
+    per_class: dict[str, tuple[int, int]] = {}
+    for r, p in zip(rows, probs):
+        kept, seen = per_class.get(r["class"], (0, 0))
+        per_class[r["class"]] = (kept + (p >= cfg.threshold), seen + 1)
+    return FilterResult(len(keep), len(rows), per_class)

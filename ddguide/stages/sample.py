@@ -1,0 +1,463 @@
+"""`ddguide sample`: images from a model — unconditional, guided by heads, class-conditional with or without CFG,
+with or without a rejection head — written as a samples folder (PNGs, index.csv, grid.png).
+
+One loop serves every mode. For each batch it builds the denoiser by composition (the base denoiser of the model,
+wrapped by CFG, wrapped by head guidance), runs the sampler, and asks the accept test (rejection) which images
+to keep. Image k is drawn with generator ``seed + k`` (see ``sampling.py``), so any batch size or split of the work
+gives the same images; with rejection, the batch schedule (which class each draw is for) follows the per-class
+quotas.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ddguide.core.data import read_mask, to_uint8
+from ddguide.core.diffusion import space_timesteps
+from ddguide.core.errors import UserError
+from ddguide.core.model import Model, denoiser, load_model
+from ddguide.core.outputs import samples_folder, staged_folder
+from ddguide.core.runtime import process_shard, resolve_device
+from ddguide.core.samples import (
+    GRID,
+    GRID_IMAGES,
+    image_name,
+    merge_shards,
+    part_name,
+    write_grid,
+    write_index,
+    write_png,
+)
+from ddguide.core.sampling import (
+    Denoiser,
+    StepHook,
+    image_generators,
+    per_image_randn,
+    sample_ddim,
+    sample_ddpm,
+)
+from ddguide.method.guidance import (
+    Guide,
+    classifier_free,
+    conditional,
+    head_guidance,
+    log_likelihood,
+)
+from ddguide.method.heads import check_compatible, load_head
+from ddguide.method.rejection import Rejector, check_threshold
+
+SAMPLERS = ("ddim", "ddpm")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+GUIDE_GRADS = ("full", "x0")
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RejectSpec:
+    """``--reject HEAD``: keep a draw of class c when the head (on the unconditional model's features) gives
+    p(c) >= threshold; draw until every class has its quota."""
+
+    head: str
+    threshold: float = 0.2
+    model: str | None = None  # the unconditional model the head reads (default: the shipped one)
+    max_draws: int = 50  # per accepted image, before giving up on a class
+
+
+@dataclass
+class SampleConfig:
+    out: str
+    model: str | None = None
+    n: int = 16  # images (with rejection: accepted images per class)
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    batch: int = 16
+    device: str = "auto"
+    precision: str = "fp32"
+    start: int = 0  # first image index
+    guides: list[str] = field(default_factory=list)  # HEAD[:weight[:target]]
+    target: str | None = None
+    mask: str | None = None
+    lam: float = 1.0
+    guide_grad: str = "full"
+    guide_window: tuple[int, int] | None = None
+    guide_model: str | None = None  # the model whose features the heads read (default: --model)
+    classes: list[str] = field(default_factory=list)  # names or ids; ["all"] cycles through every class
+    cfg_scale: float | None = None
+    reject: RejectSpec | None = None
+
+    def validate(self) -> None:
+        """Every option on its own and in combination, before any file is read."""
+        if self.n < 1 or self.batch < 1 or self.steps < 1:
+            raise UserError("--num-images, --batch and --steps must be >= 1")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"--eta must be in [0, 1], got {self.eta}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r} ({', '.join(PRECISIONS)})")
+        if self.reject is not None:
+            check_threshold(self.reject.threshold)
+        elif self.cfg_scale is not None and not self.classes:
+            raise UserError("--cfg needs --class")
+        if not self.guides:
+            if (self.target, self.mask, self.guide_window, self.guide_model) != (None,) * 4:
+                raise UserError("--target, --mask, --guide-window and --guide-model need at least one --guide HEAD")
+            return
+        if self.lam < 0:
+            raise UserError(f"--lambda must be >= 0, got {self.lam}")
+        if self.guide_grad not in GUIDE_GRADS:
+            raise UserError(f"unknown --guide-grad {self.guide_grad!r} (full, x0)")
+        for text in self.guides:
+            parse_guide(text)
+
+    @property
+    def wanted(self) -> list[str]:
+        """The classes asked for (rejection samples every class when none is named)."""
+        return list(self.classes) or (["all"] if self.reject is not None else [])
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    kept: int  # images written
+    total: int  # images drawn
+    per_class: dict[str, tuple[int, int]] | None = None  # with rejection: class -> (accepted, drawn)
+
+
+# ------------------------------------------------------------------------------------------- the options
+
+
+def parse_guide(text: str) -> tuple[str, float, str | None]:
+    """``HEAD[:weight[:target]]`` -> (path, weight, target)."""
+    path, _, rest = text.partition(":")
+    weight_text, _, target = rest.partition(":")
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise UserError(f"--guide {text!r}: the weight after ':' must be a number") from None
+    if not math.isfinite(weight):
+        raise UserError(f"--guide {text!r}: the weight after ':' must be a finite number")
+    return path, weight, target or None
+
+
+def load_guides(cfg: SampleConfig) -> list[Guide]:
+    """The heads of ``--guide``, each with its weight and target (a class, or the ``--mask`` of a segmentation head)."""
+    experts = []
+    for text in cfg.guides:
+        path, weight, own_target = parse_guide(text)
+        head = load_head(path)
+        if head.cfg.dense:
+            experts.append(Guide(head, weight, _mask_target(cfg.mask, path, head.cfg.image_size,
+                                                            len(head.cfg.classes))))
+        else:  # no target: a two-class head guides towards its positive class
+            experts.append(Guide(head, weight, head.target_index(own_target or cfg.target)))
+    return experts
+
+
+def _mask_target(mask: str | None, head_path: str, size: int, classes: int) -> torch.Tensor:
+    if mask is None:
+        raise UserError(f"{head_path}: a segmentation head needs --mask PNG")
+    m = torch.from_numpy(read_mask(mask))
+    if tuple(m.shape) != (size, size):
+        raise UserError(f"{mask}: mask is {m.shape[1]}x{m.shape[0]}, the head expects {size}x{size}")
+    if m.min() < 0 or m.max() >= classes:
+        raise UserError(f"{mask}: mask ids {int(m.min())}..{int(m.max())} outside the head's 0..{classes - 1}")
+    return m.long()  # (H, W)
+
+
+def check_guides(guides: Sequence[Guide], model: Model, sampled: Model | None = None) -> None:
+    """Every head must read ``model``'s features at its size; ``sampled`` (when another model is sampled, e.g. a
+    class-conditional one) must share its schedule and size, since the heads read its x0_hat."""
+    if sampled is not None and sampled is not model:
+        if not torch.equal(sampled.abar, model.abar) or sampled.image_size != model.image_size:
+            raise UserError(f"{model.source_path}: --guide-model must have the sampled model's diffusion schedule "
+                            f"and image size ({sampled.image_size} px)")
+    for g in guides:
+        lineage = model.info.get("finetuned_from")
+        if not g.head.reads_pixels and g.head.fingerprint == lineage and g.head.fingerprint != model.fingerprint:
+            raise UserError(f"{g.head.path}: reads the features of model {lineage}, which {model.source_path} was "
+                            f"fine-tuned from; pass that model with --guide-model")
+        check_compatible(g.head, model.fingerprint, model.source_path)
+        if g.head.cfg.image_size != model.image_size:
+            raise UserError(f"{g.head.path}: trained on {g.head.cfg.image_size} px images, the model makes "
+                            f"{model.image_size} px")
+        if g.head.spec is not None:
+            g.head.spec.check(model)
+        g.head.to(model.device)
+
+
+def null_class(model: Model) -> int:
+    """The label that means 'no class': the last embedding row of a fine-tuned model."""
+    if model.net.cfg.num_classes is None:
+        raise UserError("--class and --cfg need a class-conditional model (see `ddguide finetune`)")
+    return model.net.cfg.num_classes - 1
+
+
+def class_ids(model: Model, classes: Sequence[str]) -> list[int]:
+    """Class names or ids -> ids (``all``: every class of the model, in order)."""
+    null = null_class(model)  # refuses unconditional models
+    names = model.classes or []
+    if list(classes) == ["all"]:
+        return list(range(len(names) or null))
+    ids = []
+    for c in classes:
+        if isinstance(c, str) and not c.isdigit():
+            if c not in names:
+                raise UserError(f"class {c!r} is not in the model; it knows {', '.join(names) or 'no class names'}")
+            ids.append(names.index(c))
+        else:
+            ids.append(int(c))
+    known = len(names) if names else null
+    for i in ids:
+        if not 0 <= i < known:
+            raise UserError(f"class id {i} is out of range: the model has {known} classes")
+    return ids
+
+
+def class_name(model: Model, c: int) -> str | int:
+    return model.classes[c] if model.classes else c
+
+
+def timesteps_for(model: Model, steps: int, sampler: str) -> list[int]:
+    """Kept timesteps: DDIM uses guided-diffusion's integer stride when it fits, else the fractional spacing."""
+    total = model.diffusion.steps
+    if steps > total:
+        raise UserError(f"--steps {steps} exceeds the model's {total} diffusion steps")
+    if sampler == "ddim":
+        try:
+            return space_timesteps(total, f"ddim{steps}")
+        except UserError:
+            pass
+    return space_timesteps(total, str(steps))
+
+
+# ------------------------------------------------------------------------------------------- drawing
+
+
+def check_finite_images(x: torch.Tensor, indices: Sequence[int]) -> None:
+    """A sampling step that gave NaN or inf stops the run (before any of its images is written)."""
+    if not bool(torch.isfinite(x).all()):
+        raise UserError(f"sampling gave NaN or infinite values (images {indices[0]}..{indices[-1]}): the guidance "
+                        "scale (--lambda, --cfg or a --guide weight) is likely too large, or the model's or a head's "
+                        "weights are broken; no image was written")
+
+
+def draw(model: Model, den: Denoiser, indices: Sequence[int], seed: int, steps: Sequence[int],
+         sampler: str = "ddim", eta: float = 0.0, callback: Callable[[int, int], None] | None = None,
+         after_step: StepHook | None = None) -> torch.Tensor:
+    """Sample the images with the given indices; returns float (N, C, H, W) in [-1, 1]."""
+    gens = image_generators(seed, indices)
+    size = model.image_size
+    x = per_image_randn((model.net.cfg.in_channels, size, size), gens, model.device)
+    if sampler == "ddim":
+        return sample_ddim(den, x, steps, model.abar, eta=eta, generators=gens, callback=callback,
+                           after_step=after_step)
+    return sample_ddpm(den, x, steps, model.abar, generators=gens, callback=callback, after_step=after_step)
+
+
+def plain_denoiser(model: Model, precision: str = "fp32") -> Denoiser:
+    """The unconditional model as a denoiser."""
+    base = denoiser(model, precision=precision)
+    return lambda x, t: base(x, t)
+
+
+@dataclass
+class Sampling:
+    """Everything the loop needs once the files are read: the model, the composition of denoisers for a batch,
+    what each image's index row reports, and the accept test."""
+
+    cfg: SampleConfig
+    model: Model
+    guides: list[Guide]
+    features: Model  # the model whose features the heads read (``model`` unless --guide-model)
+    ids: list[int] | None  # the chosen class ids (None: unconditional model)
+    rejector: Rejector | None = None
+    targets: dict[int, int] = field(default_factory=dict)  # class id -> rejection head's class index
+
+    def denoiser_for(self, labels: torch.Tensor | None, indices: Sequence[int]) -> Denoiser:
+        """The base denoiser, then CFG (when classes are sampled), then head guidance (when heads guide)."""
+        cfg, model = self.cfg, self.model
+        base = denoiser(model, precision=cfg.precision)
+        if labels is None:
+            den: Denoiser = lambda x, t: base(x, t)  # noqa: E731
+        elif cfg.cfg_scale:
+            den = classifier_free(base, labels, null_class(model), cfg.cfg_scale)
+        else:
+            den = conditional(base, labels)
+        if self.guides:
+            den = head_guidance(den, self.features, self.guides, cfg.lam, indices, grad=cfg.guide_grad,
+                                window=cfg.guide_window, precision=cfg.precision)
+        return den
+
+    def rows(self, x: torch.Tensor, labels: list[int] | None, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Index columns beyond file/index/seed: class, guidance, head probabilities."""
+        cfg = self.cfg
+        tags = ([f"cfg:{cfg.cfg_scale or 0}"] if labels is not None else []) + (
+            [f"heads:lambda={cfg.lam}:{cfg.guide_grad}"] if self.guides else [])
+        rows: list[dict[str, Any]] = [{} for _ in indices]
+        if labels is not None:
+            for row, c in zip(rows, labels):
+                row["class"] = class_name(self.model, c)
+        if tags:
+            for row in rows:
+                row["guidance"] = "+".join(tags)
+        if self.guides:
+            with torch.no_grad():
+                _, probs = log_likelihood(self.features, self.guides, x, indices, cfg.precision)
+            for i, row in enumerate(rows):
+                row["head_prob"] = round(float(probs[0][i]), 4)
+                row.update({f"head_prob_{k + 1}": round(float(p[i]), 4) for k, p in enumerate(probs[1:], start=1)})
+        return rows
+
+    def accept(self, images: np.ndarray, labels: list[int] | None, indices: Sequence[int]) -> list[float] | None:
+        """The rejection head's p(class) of each image (None: every image is kept)."""
+        if self.rejector is None or labels is None:
+            return None
+        return self.rejector.probabilities(images, [self.targets[c] for c in labels], indices).tolist()
+
+
+def prepare(cfg: SampleConfig) -> Sampling:
+    """Read and cross-check every file the options name (heads, masks, models) before anything is written."""
+    cfg.validate()
+    guides = load_guides(cfg)
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device).requires_grad_(False)  # guidance needs input gradients only
+    features = model
+    if cfg.guide_model or _read_the_shipped_parent(guides, model):
+        features = load_model(cfg.guide_model, device).requires_grad_(False)
+    check_guides(guides, features, model)
+    wanted = cfg.wanted
+    ids = class_ids(model, wanted) if wanted else None
+    sampling = Sampling(cfg, model, guides, features, ids)
+    if cfg.reject is not None:
+        _add_rejector(sampling, cfg.reject, device)
+    return sampling
+
+
+def _read_the_shipped_parent(guides: Sequence[Guide], model: Model) -> bool:
+    """Whether the heads read the shipped model's features and ``model`` was fine-tuned from it: then the shipped
+    model is the feature model without a --guide-model (any other parent has to be named)."""
+    from ddguide.core import artifacts
+    from ddguide.core.model import default_model_path
+
+    parent = model.info.get("finetuned_from")
+    if not parent or not guides or any(g.head.reads_pixels or g.head.fingerprint != parent for g in guides):
+        return False
+    return artifacts.read_metadata(default_model_path()).get("ddguide.fingerprint") == parent
+
+
+def _add_rejector(sampling: Sampling, spec: RejectSpec, device: torch.device) -> None:
+    model = sampling.model
+    rejector = Rejector.load(spec.head, spec.model, device)
+    lineage = model.info.get("finetuned_from")
+    if lineage and lineage != rejector.model.fingerprint:
+        raise UserError(f"{sampling.cfg.model} was fine-tuned from model {lineage}, the rejection head reads model "
+                        f"{rejector.model.fingerprint}")
+    if not model.classes:
+        raise UserError(f"{sampling.cfg.model or 'the model'} has no class names: rejection sampling needs a model "
+                        "from `ddguide finetune`")
+    sampling.rejector = rejector
+    sampling.targets = {c: rejector.class_index(model.classes[c]) for c in sampling.ids or []}
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+class Quotas:
+    """Which draws to make next. Without rejection: this process's share of images start..start+n-1, image k
+    of class ``ids[k % len(ids)]``. With rejection: batches cycling through the classes that still need images,
+    until each has ``n`` accepted (or ``max_draws * n`` draws)."""
+
+    def __init__(self, cfg: SampleConfig, ids: list[int] | None, rejecting: bool,
+                 name: Callable[[int], Any] = lambda c: c):
+        self.cfg, self.ids, self.rejecting, self.name = cfg, ids, rejecting, name
+        self.accepted = {c: 0 for c in ids or []}
+        self.seen = {c: 0 for c in ids or []}
+
+    def batches(self, rank: int, world: int) -> Iterator[tuple[list[int], list[int] | None]]:
+        cfg = self.cfg
+        if not self.rejecting:
+            mine = list(range(cfg.start, cfg.start + cfg.n))[rank::world]  # image k is the same on any shard
+            for first in range(0, len(mine), cfg.batch):
+                indices = mine[first:first + cfg.batch]
+                yield indices, None if self.ids is None else [self.ids[k % len(self.ids)] for k in indices]
+            return
+        next_index = cfg.start
+        while any(self.accepted[c] < cfg.n for c in self.accepted):
+            limit = self.cfg.reject.max_draws * cfg.n  # type: ignore[union-attr]
+            todo = [c for c in self.accepted if self.accepted[c] < cfg.n and self.seen[c] < limit]
+            if not todo:
+                low = [c for c in self.accepted if self.accepted[c] < cfg.n]
+                raise UserError(f"gave up after {limit} draws for {', '.join(str(self.name(c)) for c in low)}: "
+                                f"lower --threshold or fine-tune longer")
+            labels = [todo[i % len(todo)] for i in range(cfg.batch)]
+            yield list(range(next_index, next_index + len(labels))), labels
+            next_index += len(labels)
+
+    def keep(self, c: int | None, p: float | None) -> bool:
+        """Count a draw and say whether to keep it."""
+        if c is None or not self.rejecting:
+            return True
+        self.seen[c] += 1
+        if p is not None and p >= self.cfg.reject.threshold and self.accepted[c] < self.cfg.n:  # type: ignore
+            self.accepted[c] += 1
+            return True
+        return False
+
+
+def sample(cfg: SampleConfig, progress: Progress | None = None) -> SampleResult:
+    """Sample into ``cfg.out`` (PNGs, index.csv, grid.png); returns what was written."""
+    run = prepare(cfg)
+    steps = timesteps_for(run.model, cfg.steps, cfg.sampler)
+    rank, world = process_shard()
+    rejecting = run.rejector is not None
+    if rejecting and world > 1:
+        raise UserError("--reject runs in one process (its draws depend on what was accepted); run it without "
+                        "torchrun")
+    quotas = Quotas(cfg, run.ids, rejecting, name=lambda c: class_name(run.model, c))
+    total = (cfg.n * len(run.ids or [])) if rejecting else len(range(cfg.start, cfg.start + cfg.n)[rank::world])
+    rows: list[dict[str, Any]] = []
+    shown: list[np.ndarray] = []
+    drawn = 0
+    # staged: the folder appears (or replaces an earlier samples folder) only once every image and the index are
+    # written; torchrun shards write in place and the last one to finish joins the index
+    with staged_folder(cfg.out, "samples", own=samples_folder, in_place=world > 1) as out:
+        for indices, labels in quotas.batches(rank, world):
+            cb = None
+            if progress and not rejecting:
+                cb = lambda i, _k, d=drawn * len(steps), b=len(indices): progress(d + i * b, total * len(steps))  # noqa: E731
+            den = run.denoiser_for(None if labels is None else torch.tensor(labels), indices)
+            x = draw(run.model, den, indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
+            check_finite_images(x, indices)
+            drawn += len(indices)
+            extra = run.rows(x, labels, indices)
+            images = to_uint8(x)
+            probs = run.accept(images, labels, indices)
+            for j, (k, image, more) in enumerate(zip(indices, images, extra)):
+                p = None if probs is None else probs[j]
+                if not quotas.keep(None if labels is None else labels[j], p):
+                    continue
+                write_png(out / image_name(k), image)
+                rows.append({"file": image_name(k), "index": k, "seed": cfg.seed + k, **more,
+                             **({} if p is None else {"reject_prob": round(p, 4)})})
+                if len(shown) < GRID_IMAGES:
+                    shown.append(image)
+            if progress and rejecting:
+                progress(sum(quotas.accepted.values()), total)
+        if world == 1:
+            write_index(out, rows)
+            write_grid(out / GRID, shown)
+        else:
+            write_index(out, rows, name=part_name(rank, world))
+            merge_shards(out, world)
+    per_class = ({str(class_name(run.model, c)): (quotas.accepted[c], quotas.seen[c]) for c in quotas.accepted}
+                 if rejecting else None)
+    return SampleResult(Path(cfg.out), len(rows), drawn, per_class)

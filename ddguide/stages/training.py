@@ -1,0 +1,315 @@
+"""The training engine that ``train`` and ``finetune`` share: a :class:`Recipe`, the loop :func:`fit` (EMA, DDP
+under ``torchrun``, resumable checkpoints) and the epilogue :func:`write_model`.
+
+A stage builds the network and says how to read its images; the engine optimises the epsilon-prediction
+objective (Ho et al.'s L_simple, or P2-weighted) and returns the EMA weights. The configs of the stages hold a
+``Recipe`` and derive the identity a checkpoint must match with :func:`run_identity`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ddguide.core import artifacts
+from ddguide.core.checkpoint import RunState, restore_checkpoint, save_checkpoint
+from ddguide.core.data import to_tensor
+from ddguide.core.diffusion import (
+    DiffusionConfig,
+    alphas_cumprod,
+    q_sample,
+    split_output,
+)
+from ddguide.core.errors import UserError
+from ddguide.core.model import Model, save_model
+from ddguide.core.runtime import (
+    all_gather,
+    autocast,
+    is_main_process,
+    join_process_group,
+    process_shard,
+    resolve_device,
+    resolve_precision,
+)
+from ddguide.core.unet import UNetConfig, UNetModel
+
+Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
+Labels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # batch indices -> class ids for the batch
+Reader = Callable[[], tuple[torch.Tensor, Labels | None]]  # -> uint8 (N, H, W, 3) images, labels or None
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """How one run optimises: what ``train`` and ``finetune`` share. ``steps``, ``lr`` and ``warmup`` have no
+    default because each stage has its own (``train.TRAIN_RECIPE``, ``finetune.FINETUNE_RECIPE``).
+
+    ``warmup`` ramps the learning rate linearly over its first steps (0: none); after it the rate stays at ``lr``,
+    or with ``lr_final`` follows a half cosine from ``lr`` down to ``lr_final`` at ``steps``. ``compile`` runs the
+    steps through ``torch.compile``: the same optimisation (the first step pays for the compilation), so a run
+    may be resumed with or without it; ``fit`` refuses it with bf16 on the CPU. ``p2_gamma`` > 0 weights each
+    image's squared error by ``loss_weights`` (P2, Choi et al. 2022). ``seed`` seeds the stage's generator."""
+
+    steps: int
+    lr: float
+    warmup: int
+    batch: int = 64
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    checkpoint_every: int = 250
+    lr_final: float | None = None
+    compile: bool = False
+    p2_gamma: float = 0.0
+    p2_k: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Refuse counts below 1, a learning rate that is not positive and P2 settings out of range."""
+        if self.steps < 1 or self.batch < 1 or self.checkpoint_every < 1:
+            raise UserError("--steps, --batch and --checkpoint-every must be >= 1")
+        if self.p2_gamma < 0 or self.p2_k <= 0:
+            raise UserError(f"--p2-gamma must be >= 0 and --p2-k > 0 (got {self.p2_gamma:g} and {self.p2_k:g})")
+        if not self.lr > 0 or (self.lr_final is not None and not 0 <= self.lr_final <= self.lr):
+            raise UserError("--lr must be > 0 and --lr-final between 0 and --lr")
+
+    def optional_keys(self) -> list[str]:
+        """The recipe options that join a run's identity only when set (a decay ties the run to its step count),
+        so that checkpoints written before the options existed stay resumable."""
+        keys = ["lr_final", "steps"] if self.lr_final is not None else []
+        return keys + (["p2_gamma", "p2_k"] if self.p2_gamma else [])
+
+    def loss_weights(self, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor | None:
+        """Per-image loss weights 1 / (k + SNR(t))^gamma, SNR = abar / (1 - abar) (Choi et al., "Perception
+        Prioritized Training of Diffusion Models", Eq. 8): they shift the objective from the low-noise steps, which
+        refine imperceptible detail, towards the steps that lay out content. None for L_simple (gamma 0)."""
+        if not self.p2_gamma:
+            return None
+        a = abar[t].double()
+        return ((self.p2_k + a / (1 - a)) ** -self.p2_gamma).float()
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the update that ends step ``step + 1``."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.lr_final is None:
+            return self.lr
+        done = (step + 1 - self.warmup) / max(self.steps - self.warmup, 1)
+        return self.lr_final + (self.lr - self.lr_final) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """A stage config as one JSON object, its ``recipe`` fields alongside its own (the form models record)."""
+    d = asdict(cfg)
+    recipe = d.pop("recipe", {})
+    return {**d, **recipe}
+
+
+def run_identity(cfg: Any, keep: Iterable[str]) -> dict[str, Any]:
+    """The options named in ``keep`` (the config's own or its recipe's): what a checkpoint must agree with to be
+    resumed."""
+    keep = set(keep)
+    return {k: v for k, v in flat_config(cfg).items() if k in keep}
+
+
+def setup_device(device: str, threads: int | None) -> torch.device:
+    """The device a stage runs on, with torch's CPU threads set when asked."""
+    dev = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    return dev
+
+
+def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, identity: dict[str, Any],
+        gen: torch.Generator, read: Reader, device: torch.device,
+        progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], RunState]:
+    """Optimise ``net`` (or resume from ``ckpt``) and return its EMA weights and the run's state.
+
+    ``identity`` is what a checkpoint must match to be resumed. ``read`` gives the training images as
+    uint8 (N, H, W, 3) and, for a class-conditional net, a function drawing each batch's labels; it is called
+    after the checkpoint is accepted, so a refused run reads no images. Each step draws, in this order, the
+    batch indices, the labels, t and the noise from ``gen``: a resumed run continues the same sequence.
+
+    Under ``torchrun`` every process draws ``batch / WORLD_SIZE`` images from its own stream (rank 0 keeps
+    ``gen``'s, so one process is the same run as before) and DDP averages the gradients; the checkpoint keeps
+    every rank's generator state and only rank 0 writes files and reports progress.
+    """
+    rank, world = process_shard()
+    recipe = replace(recipe, precision=resolve_precision(recipe.precision, device, compile=recipe.compile))
+    _check_run(recipe, device, world)
+    if rank:
+        gen.manual_seed(_rank_seed(gen.initial_seed(), rank, 0))
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
+    state = RunState()
+
+    # Resume.
+    if ckpt.exists():
+        if not restore_checkpoint(ckpt, identity, net, ema, opt, gen, state, device, rank):
+            gen.manual_seed(_rank_seed(gen.initial_seed(), rank, state.step))  # a rank the last run did not have
+    images, labels = read()
+    abar = alphas_cumprod(diffusion).to(device)
+    batch = recipe.batch // world
+    model = _training_module(net, recipe, device, world)
+    net.train()
+    t_last = time.time()
+    while state.step < recipe.steps:
+        # Train.
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
+        y = labels(idx, gen).to(device) if labels else None  # (B,) or None
+        t = torch.randint(0, diffusion.steps, (batch,), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        loss = _loss(model, diffusion, recipe, abar, x0, y, t, noise, device)
+        check_finite_loss(loss, state.step + 1, recipe.lr)
+        _step(net, opt, loss, recipe, state.step)
+        ema_update(ema, net, recipe.ema_decay, state.step)
+        state.step += 1
+        state.losses.append(_mean_over_ranks(loss.detach(), world))
+
+        # Checkpoint, then report: a stop during the report loses no finished step.
+        if state.step % recipe.checkpoint_every == 0 or state.step == recipe.steps:
+            rngs = all_gather(gen.get_state(), device)
+            if rank == 0:
+                save_checkpoint(ckpt, identity, net, ema, opt, gen, state, rngs[1:])
+        if progress and rank == 0:
+            now = time.time()
+            progress(state.step, recipe.steps, f"loss {np.mean(state.losses[-50:]):.4f}  "
+                                               f"{recipe.batch / max(now - t_last, 1e-9):.0f} img/s")
+            t_last = now
+    return ema, state
+
+
+def _check_run(recipe: Recipe, device: torch.device, world: int) -> None:
+    """Refuse, before anything is read, a compiled run the CPU cannot do and a batch that does not split."""
+    if recipe.compile and device.type == "cpu":
+        if not cpp_compiler_found():  # without one the first step would fail deep inside inductor
+            raise UserError(f"--compile on the CPU needs a C++ compiler: {os.environ.get('CXX', 'g++')} is not on "
+                            "the PATH (install g++, set CXX, or leave --compile out)")
+        if recipe.precision == "bf16":
+            # torch 2.13's compiled backward under bf16 autocast gives every block below the U-Net's first
+            # downsampling a zero gradient (benchmarks/compile_grads.py): the run goes on and its samples drift
+            raise UserError("--compile with --precision bf16 trains wrongly on the CPU (the compiled backward "
+                            "drops the deeper blocks' gradients): use --precision fp32 with --compile, or leave "
+                            "--compile out")
+    if recipe.batch % world:
+        raise UserError(f"--batch {recipe.batch} does not split evenly over {world} processes")
+
+
+def _training_module(net: UNetModel, recipe: Recipe, device: torch.device, world: int) -> torch.nn.Module:
+    """What the steps call: ``net`` itself, wrapped in DDP under torchrun and compiled when asked. ``net`` keeps
+    the plain module, so state_dict keys, EMA and clipping are unchanged."""
+    if world > 1:
+        join_process_group(device)
+    model = _ddp(net, device) if world > 1 else net
+    return torch.compile(model) if recipe.compile else model
+
+
+def _loss(model: torch.nn.Module, diffusion: DiffusionConfig, recipe: Recipe, abar: torch.Tensor,
+          x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor,
+          device: torch.device) -> torch.Tensor:
+    """The (P2-weighted) mean squared error of the predicted noise at x_t = q_sample(x0, t, noise) (Eq. 5)."""
+    x_t = q_sample(x0, t, noise, abar)
+    with autocast(device, recipe.precision):
+        out = model(x_t, diffusion.model_time(t), y)
+    eps, _ = split_output(out.float(), x0.shape[1])
+    weights = recipe.loss_weights(t, abar)
+    if weights is None:
+        return (eps - noise).pow(2).mean()
+    return (weights * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, recipe: Recipe, step: int) -> None:
+    """One clipped Adam update at the schedule's learning rate."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # DDP leaves every rank with the mean gradient
+    torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = recipe.lr_at(step)
+    opt.step()
+
+
+def ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float, step: int) -> None:
+    """Move ``ema`` towards ``net``'s weights (integer buffers are copied), with a short ramp so the average is
+    not dominated by the random initialisation in short runs. One fused update over all floating tensors instead
+    of two operations per tensor: the same values (benchmarks/train_speed.py times both and compares them)."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        floats, targets = [], []
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                floats.append(v)
+                targets.append(ema[k])
+            else:
+                ema[k].copy_(v)
+        torch._foreach_mul_(targets, d)
+        torch._foreach_add_(targets, floats, alpha=1 - d)
+
+
+def write_model(out: str | Path, net_cfg: UNetConfig, diffusion: DiffusionConfig, ema: dict[str, torch.Tensor],
+                state: RunState, info: dict[str, Any], classes: list[str] | None = None) -> Path:
+    """The EMA weights as a ``model`` artifact at ``out`` (``info`` plus the steps trained) and the loss curve
+    beside it; written once, by rank 0 under torchrun."""
+    if is_main_process():
+        model = Model(UNetModel(net_cfg), diffusion, classes=classes, info={**info, "trained_steps": state.step})
+        save_model(out, model, state_dict=ema)
+        write_loss_curve(Path(out).with_suffix(".loss.png"), state.losses)
+    return Path(out)
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, lr: float) -> None:
+    """A step whose loss is NaN or inf stops the run before it updates anything (the last checkpoint stays, no
+    model is written), with the likely cause."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise UserError(f"the loss is {value} at step {step}: the learning rate (--lr {lr:g}) is likely too high, "
+                        "or the images or the starting weights are broken; nothing was written for this step")
+
+
+def cpp_compiler_found() -> bool:
+    """Whether the compiler torch.compile builds its CPU kernels with ($CXX, default g++) is on the PATH."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+def write_loss_curve(path: Path, losses: list[float], width: int = 640, height: int = 320) -> None:
+    """A plain loss-vs-step plot (log-scale loss, 50-step moving average) as PNG."""
+    from PIL import Image, ImageDraw
+
+    if len(losses) < 2:
+        return
+    y = np.log10(np.convolve(np.asarray(losses), np.ones(min(50, len(losses))) / min(50, len(losses)), "valid"))
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = float(y.min()), float(y.max()) + 1e-9
+    pts = [(40 + i * (width - 50) / max(len(y) - 1, 1), 10 + (hi - v) * (height - 40) / (hi - lo))
+           for i, v in enumerate(y)]
+    draw.line(pts, fill=(30, 90, 200), width=2)
+    draw.text((45, 12), f"loss (log10, moving avg): {10**hi:.4f} .. {10**lo:.4f}", fill="black")
+    draw.text((45, height - 20), f"steps 0 .. {len(losses)}", fill="black")
+    artifacts.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    return (seed + 1_000_003 * rank + 7919 * step) % 2**63
+
+
+def _ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return loss.item()
