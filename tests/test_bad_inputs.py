@@ -176,7 +176,9 @@ def world(tmp_path_factory, tiny_model_path):
 
     W["lab_two"] = table("two.csv", ["file,has_circle", *[f"{n},{2 if i == 0 else i % 2}" for i, n in enumerate(names)]])
     W["lab_text"] = table("text.csv", ["file,has_circle", *[f"{n},{'yes' if i == 0 else i % 2}" for i, n in enumerate(names)]])
-    W["lab_missing"] = table("missing.csv", ["file,has_circle", *[f"{n},{i % 2}" for i, n in enumerate(names[1:])]])
+    # a table may label a subset of the folder, but not name a file the folder lacks
+    W["lab_missing"] = table("missing.csv", ["file,has_circle", *[f"{n},{i % 2}" for i, n in enumerate(names)],
+                                             "not_there.png,1"])
     W["lab_columns"] = table("columns.csv", ["file,has_circle", *[f"{n},{i % 2},1" for i, n in enumerate(names)]])
     W["lab_empty"] = table("empty.csv", [""])
     W["lab_header"] = table("header.csv", ["file,has_circle"])
@@ -506,6 +508,8 @@ OPTION_CASES = [
     (D, ["-n", "0"]), (D, ["--size", "3"]), (D, ["--split", "holdout"]), (D, ["--seed", "-2"]),
     (DEMO, ["--lambda", "nan"]), (DEMO, ["-n", "0"]), (DEMO, ["--labels", "0"]), (DEMO, ["--attribute", "has_wings"]),
     (FL, ["--threshold", "nan"]), (FL, ["--threshold", "1.5"]), (FL, ["--batch", "0"]),
+    (X, ["--threads", "0"]), (FID, ["--threads", "0"]), (FL, ["--threads", "0"]), (DEMO, ["--threads", "0"]),
+    (FID, ["--precision", "fp64"]), (FL, ["--precision", "fp64"]),
     (CV, ["--arch", "[1]"]), (CV, ["--arch", "{{nope"]), (CV, ["--preset", "nope"]),
 ]
 for base, extra in OPTION_CASES:

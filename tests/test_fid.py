@@ -487,6 +487,7 @@ def test_cli_denoiser_fid_and_saved_stats(tmp_path, monkeypatch):
     assert saved.exit_code == 0, saved.output
     result = runner.invoke(app, ["fid", str(stats), str(tmp_path / "b"), "--model", str(model_path)])
     assert result.exit_code == 0, result.output
-    assert "FID " in result.stdout and "no Inception weights" not in result.stdout
+    assert "FID" not in result.stdout and "no Inception weights" not in result.stdout  # not an FID: named by
+    assert "Fréchet distance (denoiser-mid-t100 features) " in result.stdout  # the features it was computed on
     direct = run_fid(FidConfig(a=str(tmp_path / "a"), b=str(tmp_path / "b"), model=str(model_path), device="cpu"))
-    assert float(result.stdout.split("FID ")[1].split()[0]) == pytest.approx(direct.fid, abs=1e-4)
+    assert float(result.stdout.split("features) ")[1].split()[0]) == pytest.approx(direct.fid, abs=1e-4)

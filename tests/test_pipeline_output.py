@@ -83,7 +83,7 @@ def test_json_through_the_attribute_pipeline(shapes, tiny_model_path, tmp_path):
 
     figures = parsed(cli("fid", tmp_path / "s", shapes / "images", "--features", "denoiser", "--model",
                          tiny_model_path, "--device", "cpu", "--json"))
-    assert figures["command"] == "fid" and figures["fid"] >= 0 and (figures["n_a"], figures["n_b"]) == (2, 12)
+    assert figures["command"] == "fid" and figures["distance"] >= 0 and figures["fid"] is None and (figures["n_a"], figures["n_b"]) == (2, 12)
     assert figures["feature_space"].startswith("denoiser")
 
 
@@ -179,7 +179,7 @@ def test_json_unexpected_failure_exits_1(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("argv, command, fragment", [
     (["sample", "-n", "many", "--out", "x", "--json"], "sample", "Invalid value for '-n' / '--num-images'"),
-    (["data", "shapes", "--json"], "data shapes", "Missing argument"),
+    (["data", "shapes", "a", "b", "--json"], "data shapes", "unexpected extra argument"),
     (["sample", "--n", "4", "--json"], "sample", "it is -n or --num-images now"),
     (["nosuchcmd", "--json"], "", "No such command"),
 ])

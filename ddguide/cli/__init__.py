@@ -218,9 +218,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # the output of each command: (parameter, is a folder); checked, locked and cleaned before the command runs
-_OUTPUTS = {"convert": ("out", False), "sample": ("out", True), "train": ("out", False), "data shapes": ("out", True),
-            "extract": ("out", False), "train-head": ("out", False), "demo": ("out", True), "filter": ("out", True),
-            "fid": ("save_stats", False), "finetune": ("out", False), "cas": ("out", False)}
+# (data shapes takes its folder as --out or as the argument OUT)
+_OUTPUTS = {"convert": ("out", False), "sample": ("out", True), "train": ("out", False),
+            "data shapes": (("out", "folder"), True), "extract": ("out", False), "train-head": ("out", False),
+            "demo": ("out", True), "filter": ("out", True), "fid": ("save_stats", False), "finetune": ("out", False),
+            "cas": ("out", False)}
 
 
 def _check_options(ctx: Any, values: dict[str, Any]) -> None:
@@ -240,7 +242,8 @@ def _output_guards(command: str, values: dict[str, Any]) -> Any:
 
     stack = contextlib.ExitStack()
     name, folder = _OUTPUTS.get(command, (None, False))
-    path = values.get(name) if name else None
+    names = name if isinstance(name, tuple) else (name,) if name else ()  # an output given one of several ways
+    path = next((values[n] for n in names if values.get(n) is not None), None)
     if path is not None:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun ranks share the output: each only checks it
             outputs.check_output(path, folder=folder)

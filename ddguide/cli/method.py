@@ -24,6 +24,7 @@ from ddguide.cli.args import ListCommand
 from ddguide.cli.options import (
     DeviceOpt,
     PrecisionOpt,
+    ThreadsOpt,
 )
 from ddguide.core.defaults import (
     DEFAULT_BLOCKS_RULE,
@@ -132,14 +133,16 @@ def extract(
     resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Extract denoiser features (native resolution, streamed to disk) with labels or masks."""
-    from ddguide.core.runtime import is_main_process
+    from ddguide.core.runtime import is_main_process, set_threads
     from ddguide.stages.extract import ExtractConfig
     from ddguide.stages.extract import extract as run
     from ddguide.stages.tapsweep import AUTO, extract_auto
 
     precision = _precision(precision, device)
+    set_threads(threads)
 
     auto_blocks, auto_times = blocks == [AUTO], timesteps == [AUTO]
     if (AUTO in blocks and not auto_blocks) or (AUTO in timesteps and not auto_times):
@@ -231,15 +234,20 @@ def filter_command(
         help="The unconditional model the head reads (default: the shipped model).")] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Keep the samples that a rejection head on the unconditional model's features accepts."""
-    from ddguide.core.runtime import is_main_process
+    from ddguide.core.runtime import is_main_process, set_threads
     from ddguide.stages.filter import FilterConfig, filter_folder
 
     refuse_existing(out)
+    precision = _precision(precision, device)
+    set_threads(threads)
     with progress_bar("filtering") as bar:
         result = filter_folder(FilterConfig(str(folder), str(head), str(out), threshold,
-                                            str(model) if model else None, batch, device), progress=bar.update)
+                                            str(model) if model else None, batch, device, precision),
+                               progress=bar.update)
     if is_main_process():  # under torchrun every rank knows the result; one prints it
         _acceptance_table(result)
         out_console.print(f"kept {result.kept} of {result.total} samples in {out}")

@@ -52,13 +52,22 @@ def fid_command(
     resize: Annotated[str, typer.Option(
         help="Denoiser features need the model's image size: refuse, resize or center-crop other sizes.")] = "refuse",
     device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option(help=(
+        "auto (here fp32, so that statistics saved on one machine compare with those of another and with "
+        "pytorch-fid's), fp32, bf16 or fp16 (CUDA) autocast of the feature network: faster, approximate."))]
+        = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Fréchet distance between two image sets (pytorch-fid compatible with inception features)."""
-    from ddguide.metrics.fid import FidConfig, run_fid
+    """Fréchet distance between two image sets: the FID with Inception features (pytorch-fid compatible), a
+    Fréchet distance on denoiser features otherwise (labelled by its feature space, never called FID)."""
+    from ddguide.core.runtime import set_threads
+    from ddguide.metrics.fid import INCEPTION_SPACE, FidConfig, run_fid
 
+    set_threads(threads)
     cfg = FidConfig(a=str(a), b=str(b) if b is not None else None, features=features,
                     inception_weights=str(inception_weights) if inception_weights else None,
                     model=str(model) if model else None, timestep=timestep, batch=batch, device=device,
+                    precision="fp32" if precision == "auto" else precision,
                     save_stats=str(save_stats) if save_stats else None, resize=resize)
     with progress_bar("features") as bar:  # appears at the first image batch: stats-only runs show none
         result = run_fid(cfg, progress=lambda label, done, total: bar.update(done, total, label))
@@ -68,9 +77,15 @@ def fid_command(
     if result.fid is not None:
         sizes = " vs ".join(str(s.n) if s.n else "?" for s in (result.a, result.b))
         console.print(f"{result.feature_space}, {sizes} images", highlight=False)
-        out_console.print(f"FID {result.fid:.4f}", highlight=False)
-    report(**({"out": result.saved} if result.saved is not None else {}), fid=result.fid,
-           feature_space=result.feature_space, n_a=result.a.n, n_b=result.b.n if result.b is not None else None)
+        if result.feature_space == INCEPTION_SPACE:
+            out_console.print(f"FID {result.fid:.4f}", highlight=False)
+        else:  # not an FID: the distance is named by the features it was computed on
+            out_console.print(f"Fréchet distance ({result.feature_space} features) {result.fid:.4f}",
+                              highlight=False)
+    is_fid = result.feature_space == INCEPTION_SPACE
+    report(**({"out": result.saved} if result.saved is not None else {}), distance=result.fid,
+           fid=result.fid if is_fid else None, feature_space=result.feature_space, n_a=result.a.n,
+           n_b=result.b.n if result.b is not None else None)
 
 
 # --- end finetune ---

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -23,11 +23,13 @@ from ddguide.cli.args import ListCommand
 from ddguide.cli.options import (
     DeviceOpt,
     PrecisionOpt,
+    ThreadsOpt,
 )
 from ddguide.core.defaults import (
     DEMO_GRAD,
     DEMO_LAMBDA,
 )
+from ddguide.core.errors import UserError
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -35,7 +37,11 @@ from ddguide.core.defaults import (
 @data_app.command("shapes", cls=ListCommand)
 @handle_errors
 def data_shapes(
-    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
+    folder: Annotated[Optional[Path], typer.Argument(
+        metavar="OUT", help="Folder to write the dataset into (or --out, as the other commands spell it).",
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder to write the dataset into (or the argument OUT).")]
+        = None,
     n: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1000,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed; the same arguments give byte-identical files.")] = 0,
@@ -44,6 +50,11 @@ def data_shapes(
     """Write the built-in procedural shapes dataset (images, classes, attributes, masks)."""
     from ddguide.shapes.dataset import ShapesConfig, generate
 
+    if folder is not None and out is not None and folder != out:
+        raise UserError(f"give the output folder once: OUT {folder} and --out {out} differ")
+    out = out or folder
+    if out is None:
+        raise UserError("give the folder to write the dataset into: `ddguide data shapes OUT` or --out OUT")
     refuse_existing(out)
     with progress_bar("generating") as bar:
         generate(out, ShapesConfig(n=n, size=size, seed=seed, split=split), progress=bar.update)
@@ -68,11 +79,14 @@ def demo(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """The few-shot pipeline on the shipped model: 50+50 labels -> head -> guided vs unguided samples."""
+    from ddguide.core.runtime import set_threads
     from ddguide.shapes.demo import DemoConfig, run_demo
 
     precision = _precision(precision, device)
+    set_threads(threads)
 
     cfg = DemoConfig(out=str(out), attribute=attribute, lam=lam, steps=steps, n=n, labels=labels, grad=guide_grad,
                      seed=seed, model=str(model) if model else None, device=device, precision=precision)

@@ -158,6 +158,31 @@ def attribute_labels(files: list[Path], root: str | os.PathLike, table: str | os
     return torch.tensor(labels, dtype=torch.long)
 
 
+def labelled_files(files: list[Path], root: str | os.PathLike, table: str | os.PathLike) -> list[Path]:
+    """The images of ``files`` that have a row in the attribute ``table`` (matched as :func:`attribute_labels`
+    matches them), so a table may label a subset of a folder. A CSV row naming no image of the folder is refused
+    (a typo or a file left behind); CelebA's ``list_attr_celeba.txt`` lists the whole dataset, and labels
+    whichever of its images the folder holds."""
+    _, values = read_attribute_table(table)
+    by_name: dict[str, list[str]] = {}
+    for key in values:
+        by_name.setdefault(Path(key).name, []).append(key)
+    kept, used = [], set()
+    for f in files:
+        keys = [k for k in (_relative(f, root), _relative(f, Path(table).parent)) if k in values]
+        keys = keys or by_name.get(f.name, [])
+        if keys:
+            kept.append(f)
+            used.update(keys)
+    celeba = Path(table).read_text(encoding="utf-8", errors="replace").lstrip().split("\n", 1)[0].strip().isdigit()
+    unused = [k for k in values if k not in used]
+    if unused and not celeba:
+        raise UserError(f"{table}: lists {len(unused)} file(s) not in {root}, e.g. {unused[0][:120]!r}")
+    if not kept:
+        raise UserError(f"{table}: labels none of the images in {root}")
+    return kept
+
+
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask of class ids (H, W) from a PNG (palette or grey values are ids) or a ``.npy`` array."""
     path = Path(path)

@@ -78,6 +78,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def set_threads(threads: int | None) -> None:
+    """Torch's CPU threads for this process (``--threads``); None leaves torch's own choice."""
+    if threads is not None:
+        if not 1 <= threads <= 4096:
+            raise UserError(f"--threads must be in 1..4096, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 autocast runs the U-Net faster than fp32 on ``device``: a CUDA device with bf16 support,
     or a CPU whose oneDNN has native bf16 (avx512_bf16 / AMX: benchmarks/unet_speed.py measures 1.9x on the

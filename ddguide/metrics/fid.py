@@ -201,11 +201,13 @@ def compute_stats(
     size: int | None = None,
     resize: str = "refuse",
     label: str = "",
+    precision: str = "fp32",
 ) -> FidStats:
     """Feature statistics of image files (or a float tensor (N, 3, H, W) in [-1, 1]), ``batch`` at a time.
 
     Files are read at their own size unless ``size`` is given (then ``resize`` is the policy of
-    :func:`ddguide.core.data.load_image`). Memory stays constant in the number of images.
+    :func:`ddguide.core.data.load_image`). Memory stays constant in the number of images. ``precision`` is
+    the feature network's (:func:`ddguide.core.runtime.autocast`); statistics are always accumulated in fp64.
     """
     n = len(images)
     if n < 2:
@@ -223,7 +225,7 @@ def compute_stats(
             if start + batch < n:
                 pending = reader.submit(_load_batch, images, start + batch, min(start + 2 * batch, n), size, resize)
             for x in groups:
-                with torch.inference_mode():
+                with torch.inference_mode(), runtime.autocast(device, precision):
                     feats = extractor(x.to(device))  # (B, D)
                 moments.update(feats.detach().to("cpu", torch.float64).numpy())
             if progress is not None:
@@ -424,6 +426,7 @@ class FidConfig:
     timestep: int = DEFAULT_FEATURE_TIMESTEP  # T_f for denoiser features
     batch: int = 50
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    precision: str = "fp32"  # of the feature network; fp32 keeps statistics comparable across machines
     save_stats: str | None = None  # write A's statistics here
     size: int | None = None  # resize images to this side (None: inception reads any size, denoiser needs its own)
     resize: str = "refuse"  # refuse | resize | center-crop, when an image's size differs from the required one
@@ -464,7 +467,7 @@ def run_fid(cfg: FidConfig, progress: Progress | None = None) -> FidResult:
             continue
         size = cfg.size or extractor.input_size
         stats.append(compute_stats(s.files, extractor, cfg.batch, progress=progress, size=size,
-                                   resize=cfg.resize, label=s.label))
+                                   resize=cfg.resize, label=s.label, precision=cfg.precision))
     for s in stats[1:]:
         check_comparable(stats[0], s)
     saved = save_stats(cfg.save_stats, stats[0]) if cfg.save_stats else None

@@ -19,6 +19,7 @@ import torch
 from ddguide.core import artifacts
 from ddguide.core.data import (
     attribute_labels,
+    labelled_files,
     list_images,
     load_image,
     paired_masks,
@@ -100,6 +101,8 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     spec = FeatureSpec(tuple(cfg.blocks) or model.net.default_taps(), tuple(cfg.timesteps), cfg.noise, cfg.seed)
     spec.check(model)
     files = list_images(cfg.data)
+    if cfg.labels:  # a label table may name a subset of the folder: those images are extracted
+        files = labelled_files(files, cfg.data, cfg.labels)
     size, n = model.image_size, len(files)
     targets, label_info = _labels(cfg, files, size)
 

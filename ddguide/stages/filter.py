@@ -15,6 +15,7 @@ from ddguide.core.errors import UserError
 from ddguide.core.outputs import staged_folder
 from ddguide.core.runtime import (
     all_gather,
+    autocast,
     barrier,
     is_main_process,
     process_shard,
@@ -49,6 +50,7 @@ class FilterConfig:
     model: str | None = None  # the unconditional model the head was trained on
     batch: int = 64
     device: str = "auto"
+    precision: str = "fp32"  # of the model and head (ddguide.core.runtime.autocast)
 
 
 def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> FilterResult:
@@ -67,9 +69,10 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
     for start in range(lo, hi, cfg.batch):
         chunk = rows[start:min(start + cfg.batch, hi)]
         images = np.stack([load_image(f) for f in files[start:start + len(chunk)]])
-        probs += rejector.probabilities(images, targets[start:start + len(chunk)],
-                                        [r.number(start + i) for i, r in enumerate(samples[start:start + len(chunk)])]
-                                        ).tolist()
+        with autocast(device, cfg.precision):
+            probs += rejector.probabilities(images, targets[start:start + len(chunk)],
+                                            [r.number(start + i)
+                                             for i, r in enumerate(samples[start:start + len(chunk)])]).tolist()
         if progress:
             progress(start - lo + len(chunk), hi - lo)
     probs = [p for part in all_gather(probs, device) for p in part]

@@ -1,0 +1,104 @@
+"""A new user's first day (issue 23): the options every command shares, labelled subsets, the commands'
+outputs named the way the others name them, and distances labelled by their feature space."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import cli, expect_ok, expect_user_error, shapes_data
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """12 shapes images of 16 px in class folders, with index.csv (a class column) and attributes.csv."""
+    return shapes_data(tmp_path_factory, n=12, size=16)
+
+
+# ------------------------------------------------------------------------- --threads, --device, --precision
+
+
+# (sample and train-head are another change's; cas keeps its fp32 default, which its reported accuracies use)
+@pytest.mark.parametrize("command", ["extract", "filter", "fid", "demo", "train", "finetune", "cas"])
+def test_every_computing_command_takes_threads_device_and_precision(command):
+    from typer.main import get_command
+
+    from ddguide.cli import app
+
+    params = {p.name: p for p in get_command(app).commands[command].params}
+    assert "threads" in params and params["device"].default == "auto"
+    assert params["precision"].default == ("fp32" if command == "cas" else "auto")
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract", "x", "--out", "f.safetensors"],
+    ["filter", "x", "--head", "h.safetensors", "--out", "kept"],
+    ["fid", "a", "b"],
+    ["demo", "--out", "d"],
+])
+def test_threads_zero_is_refused_before_anything_runs(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expect_user_error(cli(*argv, "--threads", 0), "--threads must be in 1..4096, got 0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extract_filter_and_fid_run_with_threads_device_and_precision(data, tiny_model_path, tmp_path):
+    cpu = ("--device", "cpu", "--threads", 1)
+    expect_ok(cli("extract", data / "images", "--model", tiny_model_path, "--blocks", "mid", "--out",
+                  tmp_path / "f.safetensors", "--precision", "fp32", *cpu))
+    expect_ok(cli("train-head", tmp_path / "f.safetensors", "--kind", "rejection", "--steps", 5, "--out",
+                  tmp_path / "rej.safetensors"))
+    r = expect_ok(cli("filter", data, "--head", tmp_path / "rej.safetensors", "--model", tiny_model_path,
+                      "--threshold", 0.0, "--out", tmp_path / "kept", "--precision", "bf16", *cpu))
+    assert "kept 12 of 12" in r.output and "precision: bf16 autocast" in r.output
+    r = expect_ok(cli("fid", data / "images", data / "images", "--features", "denoiser", "--model",
+                      tiny_model_path, "--precision", "fp32", *cpu))
+    assert "FID" not in r.stdout
+
+
+def test_data_shapes_takes_out_as_the_other_commands_do(tmp_path):
+    expect_ok(cli("data", "shapes", "--out", tmp_path / "a", "-n", 2, "--size", 16))
+    expect_ok(cli("data", "shapes", tmp_path / "b", "-n", 2, "--size", 16))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in (tmp_path / "b").iterdir())
+    expect_user_error(cli("data", "shapes", tmp_path / "c", "--out", tmp_path / "d", "-n", 2), "once")
+    expect_user_error(cli("data", "shapes", "-n", 2), "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------- extract --labels
+
+
+def test_extract_labels_extracts_only_the_images_the_table_lists(data, tiny_model_path, tmp_path):
+    from ddguide.core import artifacts
+
+    lines = (data / "attributes.csv").read_text().splitlines()
+    (tmp_path / "subset.csv").write_text("\n".join(lines[:6]) + "\n")  # the header and 5 of the 12 images
+    r = expect_ok(cli("extract", data / "images", "--model", tiny_model_path, "--blocks", "mid", "--labels",
+                      tmp_path / "subset.csv", "--label", "has_circle", "--out", tmp_path / "f.safetensors",
+                      "--device", "cpu", "--json"))
+    assert json.loads(r.stdout.splitlines()[-1])["images"] == 5
+    art = artifacts.load(tmp_path / "f.safetensors", "features")
+    assert art.config["count"] == 5 and art.tensors["labels"].shape == (5,)
+
+
+def test_extract_labels_listing_a_file_not_in_the_folder_is_refused(data, tiny_model_path, tmp_path):
+    lines = (data / "attributes.csv").read_text().splitlines()
+    (tmp_path / "typo.csv").write_text("\n".join(lines[:4] + ["images/red_circle/nope.png,1,0,0,0,0"]) + "\n")
+    expect_user_error(cli("extract", data / "images", "--model", tiny_model_path, "--labels", tmp_path / "typo.csv",
+                          "--label", "has_circle", "--out", tmp_path / "f.safetensors", "--device", "cpu"),
+                      "lists 1 file(s) not in", "nope.png")
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- fid's label
+
+
+def test_fid_on_denoiser_features_is_not_called_fid(data, tiny_model_path):
+    r = expect_ok(cli("fid", data / "images", data / "images", "--features", "denoiser", "--model", tiny_model_path,
+                      "--device", "cpu", "--threads", 1))
+    assert "FID" not in r.stdout and "Fréchet distance (denoiser-mid-t100 features)" in r.stdout
+    r = expect_ok(cli("fid", data / "images", data / "images", "--features", "denoiser", "--model", tiny_model_path,
+                      "--device", "cpu", "--json"))
+    figures = json.loads(r.stdout)
+    assert figures["fid"] is None and abs(figures["distance"]) < 1e-6 and figures["feature_space"] == "denoiser-mid-t100"
