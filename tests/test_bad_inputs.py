@@ -510,6 +510,7 @@ OPTION_CASES = [
     (FL, ["--threshold", "nan"]), (FL, ["--threshold", "1.5"]), (FL, ["--batch", "0"]),
     (X, ["--threads", "0"]), (FID, ["--threads", "0"]), (FL, ["--threads", "0"]), (DEMO, ["--threads", "0"]),
     (FID, ["--precision", "fp64"]), (FL, ["--precision", "fp64"]),
+    (T, ["--arch", "[1]"]), (T, ["--arch", '{{"wings": 1}}']), (T, ["--arch", '{{"channel_mult": "x"}}']),
     (CV, ["--arch", "[1]"]), (CV, ["--arch", "{{nope"]), (CV, ["--preset", "nope"]),
 ]
 for base, extra in OPTION_CASES:

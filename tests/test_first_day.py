@@ -102,3 +102,37 @@ def test_fid_on_denoiser_features_is_not_called_fid(data, tiny_model_path):
                       "--device", "cpu", "--json"))
     figures = json.loads(r.stdout)
     assert figures["fid"] is None and abs(figures["distance"]) < 1e-6 and figures["feature_space"] == "denoiser-mid-t100"
+
+
+# ------------------------------------------------------------------------------------- train --arch, presets
+
+
+def test_train_arch_replaces_the_presets_options(data, tmp_path):
+    from ddguide.core import artifacts
+
+    expect_ok(cli("train", data / "images", "--out", tmp_path / "m.safetensors", "--preset", "tiny", "--arch",
+                  '{"model_channels": 16, "channel_mult": [1, 1]}', "--steps", 2, "--batch", 2,
+                  "--checkpoint-every", 2, "--device", "cpu", "--precision", "fp32", "--threads", 1))
+    unet = artifacts.load(tmp_path / "m.safetensors", "model").config["unet"]
+    assert unet["model_channels"] == 16 and unet["channel_mult"] == [1, 1] and unet["image_size"] == 16
+
+
+@pytest.mark.parametrize("arch, fragment", [
+    ("[1, 2]", "--arch: expected a JSON object"),
+    ('{"model_channels": 16, "wings": 2}', "--arch: unknown U-Net options: wings"),
+    ("{nope", "--arch: not valid JSON"),
+])
+def test_train_arch_that_is_no_object_or_names_unknown_fields_is_refused(arch, fragment, data, tmp_path):
+    expect_user_error(cli("train", data / "images", "--out", tmp_path / "m.safetensors", "--preset", "tiny",
+                          "--arch", arch, "--steps", 2, "--device", "cpu"), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_presets_lists_sizes_and_parameter_counts():
+    r = expect_ok(cli("presets", "--json"))
+    rows = {row["name"]: row for row in json.loads(r.stdout)["presets"]}
+    assert {"small16", "shapes32", "small64", "tiny"} <= set(rows)
+    assert (rows["small16"]["image_size"], rows["small64"]["image_size"]) == (16, 64)
+    assert rows["tiny"]["parameters"] < 10**5 < rows["small16"]["parameters"] < 5 * 10**6
+    assert rows["small64"]["parameters"] < 5 * 10**6  # trainable on a CPU
+    assert rows["256x256_diffusion"]["parameters"] > 5 * 10**8

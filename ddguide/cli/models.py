@@ -83,7 +83,12 @@ def _json_opt(text: str | None, name: str) -> dict[str, Any]:
 def train(
     data: Annotated[Path, typer.Argument(help="Image folder (flat or class sub-folders).")],
     out: Annotated[Path, typer.Option(help="Model artifact to write; a checkpoint is kept beside it.")],
-    preset: Annotated[str, typer.Option(help="Architecture preset.")] = "shapes32",
+    preset: Annotated[str, typer.Option(
+        help="Architecture preset (`ddguide presets` lists them with their sizes; small16, shapes32 and small64 "
+             "are sized for a CPU).")] = "shapes32",
+    arch: Annotated[Optional[str], typer.Option(
+        help='U-Net options as JSON replacing the preset\'s (the fields `convert --arch` takes), e.g. '
+             '\'{"image_size": 28, "channel_mult": [1, 2, 2]}\'.')] = None,
     steps: StepsOpt = 20000,
     batch: BatchOpt = 64,
     lr: LrOpt = 2e-4,
@@ -120,12 +125,36 @@ def train(
                           precision=_precision(precision, device, compile_), seed=seed,
                           checkpoint_every=checkpoint_every, compile=compile_, p2_gamma=p2_gamma, p2_k=p2_k)
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, recipe=recipe, schedule=schedule,
-                      init=str(init) if init else None, resize=resize, threads=threads, device=device)
+                      init=str(init) if init else None, resize=resize, threads=threads, device=device,
+                      arch=_json_opt(arch, "--arch") or None)
     with progress_bar("training") as bar:
         path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 wrote the model
         out_console.print(f"wrote {path}")
         report(out=path, steps=artifact_config(path).get("trained_steps"))
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+
+@app.command(cls=ListCommand)
+@handle_errors
+def presets() -> None:
+    """List the architecture presets (`train --preset`, `convert --preset`): image size, parameters, source."""
+    from ddguide.core.presets import PRESETS, parameter_count
+
+    table = Table(title="architecture presets")
+    for column in ("preset", "image size", "parameters", "schedule", "source"):
+        table.add_column(column, justify="right" if column in ("image size", "parameters") else "left")
+    rows = []
+    for name, p in PRESETS.items():
+        n = parameter_count(p.unet)
+        rows.append({"name": name, "image_size": p.unet.image_size, "parameters": n,
+                     "schedule": f"{p.diffusion.schedule} {p.diffusion.steps}", "source": p.source})
+        shown = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+        table.add_row(name, f"{p.unet.image_size}x{p.unet.image_size}", shown, rows[-1]["schedule"], p.source)
+    out_console.print(table)
+    report(presets=rows)
 
 
 # ----------------------------------------------------------------------------------------------- info

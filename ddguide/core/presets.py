@@ -67,11 +67,27 @@ def _presets() -> dict[str, Preset]:
         "shapes32": Preset(UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                                       attention_resolutions=(8,), num_heads=4, norm_groups=8),
                            DiffusionConfig(steps=1000, schedule="cosine"), "ddguide train"),
+        "small16": Preset(UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
+                                     attention_resolutions=(8,), num_heads=4, norm_groups=8),
+                          DiffusionConfig(steps=1000, schedule="cosine"), "ddguide train"),
+        "small64": Preset(UNetConfig(image_size=64, model_channels=32, channel_mult=(1, 2, 2, 2, 2), num_res_blocks=2,
+                                     attention_resolutions=(8,), num_heads=4, norm_groups=8),
+                          DiffusionConfig(steps=1000, schedule="cosine"), "ddguide train"),
         "tiny": Preset(tiny, DiffusionConfig(steps=1000, schedule="linear"), "ddguide tests"),
     }
 
 
 PRESETS: dict[str, Preset] = _presets()
+
+
+def parameter_count(unet: UNetConfig) -> int:
+    """The number of weights of a U-Net, counted on the meta device (nothing allocated, even at 550M)."""
+    import torch
+
+    from ddguide.core.unet import UNetModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNetModel(unet).parameters())
 
 
 def get_preset(name: str) -> Preset:

@@ -51,13 +51,15 @@ class TrainConfig:
     resize: str = "refuse"
     threads: int | None = None
     device: str = "auto"
+    arch: dict[str, Any] | None = None  # U-Net options replacing the preset's (`train --arch JSON`)
 
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree with to be resumed: not the device, nor the step count unless the
         learning rate decays over it."""
         keep = ["data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed"]
         # `init` joined later: leaving it out when unset keeps older checkpoints resumable
-        return run_identity(self, keep + (["init"] if self.init is not None else []) + self.recipe.optional_keys())
+        optional = [k for k in ("init", "arch") if getattr(self, k) is not None]  # joined later: older
+        return run_identity(self, keep + optional + self.recipe.optional_keys())  # checkpoints stay resumable
 
 
 def load_dataset(folder: str, size: int, resize: str) -> torch.Tensor:
@@ -70,16 +72,38 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     """Train (or resume) and write the EMA weights as a ``model`` artifact at ``cfg.out``."""
     cfg.recipe.validate()
     preset = get_preset(cfg.preset)
+    unet = architecture(preset.unet, cfg.arch)
     diffusion = DiffusionConfig(preset.diffusion.steps, cfg.schedule or preset.diffusion.schedule,
                                 preset.diffusion.rescale_timesteps)
     device = setup_device(cfg.device, cfg.threads)
-    net = initial_net(preset.unet, cfg.recipe.seed)
+    net = initial_net(unet, cfg.recipe.seed)
     if cfg.init:
         _warm_start(net, cfg.init)
     ema, state = fit(net.to(device), diffusion, cfg.recipe, checkpoint_path(cfg.out), cfg.identity(),
                      torch.Generator().manual_seed(cfg.recipe.seed),
-                     lambda: (load_dataset(cfg.data, preset.unet.image_size, cfg.resize), None), device, progress)
-    return write_model(cfg.out, preset.unet, diffusion, ema, state, {"preset": cfg.preset, "train": flat_config(cfg)})
+                     lambda: (load_dataset(cfg.data, unet.image_size, cfg.resize), None), device, progress)
+    return write_model(cfg.out, unet, diffusion, ema, state, {"preset": cfg.preset, "train": flat_config(cfg)})
+
+
+def architecture(base: UNetConfig, arch: dict[str, Any] | None) -> UNetConfig:
+    """``base`` with the ``--arch`` options replacing its own, refused in one line when they name unknown fields
+    or describe no network (checked on the meta device: nothing is allocated)."""
+    if not arch:
+        return base
+    try:
+        cfg = UNetConfig.from_dict({**base.to_dict(), **arch})
+    except UserError as e:
+        raise UserError(f"--arch: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--arch: {e}") from None
+    try:
+        with torch.device("meta"):
+            UNetModel(cfg)
+    except UserError as e:
+        raise UserError(f"--arch: {e}") from None
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError, KeyError) as e:
+        raise UserError(f"--arch does not describe a U-Net ({e.__class__.__name__}: {e})") from None
+    return cfg
 
 
 def initial_net(unet: UNetConfig, seed: int) -> UNetModel:
