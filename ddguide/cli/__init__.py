@@ -22,14 +22,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ddguide.core.errors import UserError
 
@@ -92,11 +85,7 @@ out_console = _SafeConsole(markup=False)
 def _precision(precision: str, device: str, compile: bool = False) -> str:
     """--precision with auto resolved for the device the command runs on; which one ran is said on stderr
     once the command has succeeded (a refused run keeps its one error line)."""
-    from ddguide.core.runtime import (
-        describe_precision,
-        resolve_device,
-        resolve_precision,
-    )
+    from ddguide.core.runtime import describe_precision, resolve_device, resolve_precision
 
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         return precision  # the command's own check names the valid values

@@ -21,15 +21,8 @@ from ddguide.cli import (
     report,
 )
 from ddguide.cli.args import ListCommand
-from ddguide.cli.options import (
-    DeviceOpt,
-    PrecisionOpt,
-    ThreadsOpt,
-)
-from ddguide.core.defaults import (
-    DEFAULT_BLOCKS_RULE,
-    DEFAULT_TIMESTEPS,
-)
+from ddguide.cli.options import DeviceOpt, PrecisionOpt, ThreadsOpt
+from ddguide.core.defaults import DEFAULT_BLOCKS_RULE, DEFAULT_TIMESTEPS
 from ddguide.core.errors import UserError
 
 # ----------------------------------------------------------------------------------------------- sample
@@ -44,7 +37,9 @@ def sample(
     steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
     sampler: Annotated[str, typer.Option(
         help="ddim, or ddpm (ancestral: cleaner samples from the shipped model, see the model card).")] = "ddim",
-    eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like noise.")] = 0.0,
+    eta: Annotated[Optional[float], typer.Option(help=(
+        "DDIM eta: 0 deterministic, 1 DDPM-like noise (default 0; 1 with --particles, whose resampled copies "
+        "need noise to differ)."))] = None,
     seed: Annotated[int, typer.Option(help="Image k uses seed + k.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     class_: Annotated[Optional[list[str]], typer.Option(
@@ -77,6 +72,32 @@ def sample(
     threshold: Annotated[float, typer.Option(help="Accept a sample when the rejection head's p(class) >= this.")] = 0.2,
     reject_model: Annotated[Optional[Path], typer.Option(
         help="The unconditional model the rejection head reads (default: the shipped model).")] = None,
+    guide_every: Annotated[int, typer.Option(help="Guide (Eq. 13) only every k-th sampling step.")] = 1,
+    particles: Annotated[int, typer.Option(help=(
+        "K particles per image, steered by Feynman-Kac potentials from the heads' log p(y | x0_hat) (no backward "
+        "pass; with --lambda > 0 the Eq. 13 step is the proposal); the best particle on the final image is kept. "
+        "--batch counts images, each with K chains."))] = 1,
+    smc: Annotated[Optional[str], typer.Option(help="Particle sampler: fk (Feynman-Kac steering; implied by "
+                                                     "--particles K > 1).")] = None,
+    potential: Annotated[str, typer.Option(help=(
+        "FK potential of a particle's lineage: max (running maximum of the reward), sum, or diff (its latest "
+        "change)."))] = "max",
+    potential_scale: Annotated[float, typer.Option(help="Potentials are exp(scale * reward statistic).")] = 1.0,
+    resample_every: Annotated[int, typer.Option(help=(
+        "Score the particles every this many steps and resample an image's particles when their effective sample "
+        "size is below K/2."))] = 5,
+    resample_window: Annotated[Optional[tuple[int, int]], typer.Option(
+        help="Score and resample only while LO <= t <= HI (schedule indices), given as HI LO.")] = None,
+    search: Annotated[Optional[str], typer.Option(help=(
+        "best-of-n: draw N candidates per image and keep the verifier's best; zero-order: then rounds of N "
+        "neighbours of the best starting noise on its sphere."))] = None,
+    candidates: Annotated[int, typer.Option(help="Candidates per image and per round for --search.")] = 4,
+    rounds: Annotated[int, typer.Option(help="Zero-order search rounds after the first N candidates.")] = 2,
+    search_step: Annotated[float, typer.Option(help="Zero-order step: the noise moves by this times a Gaussian "
+                                                     "direction, then back to its sphere.")] = 0.5,
+    verifier: Annotated[Optional[list[str]], typer.Option(metavar="HEAD[:w[:target]] ...", help=(
+        "Heads that score particles and candidates (default: the --guide heads); they may differ from the "
+        "guides."))] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -91,7 +112,10 @@ def sample(
         mask=str(mask) if mask else None, lam=lam, guide_grad=guide_grad, guide_window=guide_window,
         guide_model=str(guide_model) if guide_model else None,
         classes=list(class_ or []), cfg_scale=cfg_scale,
-        reject=RejectSpec(str(reject), threshold, str(reject_model) if reject_model else None) if reject else None)
+        reject=RejectSpec(str(reject), threshold, str(reject_model) if reject_model else None) if reject else None,
+        guide_every=guide_every, particles=particles, smc=smc, potential=potential, potential_scale=potential_scale,
+        resample_every=resample_every, resample_window=resample_window, search=search, candidates=candidates,
+        rounds=rounds, search_step=search_step, verifier=list(verifier or []))
     cfg.validate()
     with progress_bar("accepted" if reject else "sampling") as bar:
         result = run_sample(cfg, progress=bar.update)

@@ -9,16 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ddguide.cli import (
-    ModelOpt,
-    _precision,
-    app,
-    artifact_config,
-    handle_errors,
-    out_console,
-    progress_bar,
-    report,
-)
+from ddguide.cli import ModelOpt, _precision, app, artifact_config, handle_errors, out_console, progress_bar, report
 from ddguide.cli.args import ListCommand
 from ddguide.cli.options import (
     BatchOpt,

@@ -39,6 +39,14 @@ RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "mixup_cutmix": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "milestones": ("two epochs A B with 0 <= A <= B", lambda v: 0 <= v[0] <= v[1]),
     "guide_window": ("HI LO with HI >= LO >= 0 (schedule indices)", lambda v: v[0] >= v[1] >= 0),
+    "resample_window": ("HI LO with HI >= LO >= 0 (schedule indices)", lambda v: v[0] >= v[1] >= 0),
+    "guide_every": (">= 1", lambda v: 1 <= v <= BIG),
+    "particles": (">= 1 (and at most 4096)", lambda v: 1 <= v <= 4096),
+    "candidates": (">= 1 (and at most 4096)", lambda v: 1 <= v <= 4096),
+    "rounds": (">= 0 (and at most 1000)", lambda v: 0 <= v <= 1000),
+    "resample_every": (">= 1", lambda v: 1 <= v <= BIG),
+    "potential_scale": (">= 0", lambda v: v >= 0),
+    "search_step": ("in (0, 10]", lambda v: 0 < v <= 10),
 }
 
 
@@ -48,6 +56,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "sampler": ("ddim", "ddpm"),
     "guide_grad": ("full", "x0"),
+    "smc": ("fk",),
+    "potential": ("max", "diff", "sum"),
+    "search": ("best-of-n", "zero-order"),
     "noise": ("none", "fixed"),
     "storage": ("fp32", "fp16"),
 }

@@ -20,15 +20,8 @@ from ddguide.cli import (
     report,
 )
 from ddguide.cli.args import ListCommand
-from ddguide.cli.options import (
-    DeviceOpt,
-    PrecisionOpt,
-    ThreadsOpt,
-)
-from ddguide.core.defaults import (
-    DEMO_GRAD,
-    DEMO_LAMBDA,
-)
+from ddguide.cli.options import DeviceOpt, PrecisionOpt, ThreadsOpt
+from ddguide.core.defaults import DEMO_GRAD, DEMO_LAMBDA
 from ddguide.core.errors import UserError
 
 # ----------------------------------------------------------------------------------------------- data

@@ -120,14 +120,15 @@ def head_input(x0: torch.Tensor, clamp: str = "pass") -> torch.Tensor:
 
 def head_guidance(inner: Denoiser, model: Model, guides: Sequence[Guide], lam: float, indices: Sequence[int], *,
                   grad: str = "full", window: tuple[int, int] | None = None, precision: str = "fp32",
-                  clamp: str = "pass") -> Denoiser:
+                  clamp: str = "pass", only: set[int] | None = None) -> Denoiser:
     """Eq. 13 around ``inner``: ``eps_hat = eps - lambda * sqrt(1 - abar_t) * grad_{x_t} log p(y | features(x0_hat))``.
 
     ``inner`` is any denoiser (the plain model, CFG); ``model`` gives the schedule and the feature taps the heads
     read (under ``precision``). ``grad='full'`` differentiates through ``inner`` as the paper does; ``grad='x0'``
     treats eps as constant, so ``d x0_hat / d x_t = 1 / sqrt(abar_t)`` and only the truncated feature pass is
     differentiated. ``window=(hi, lo)`` guides only while ``lo <= t <= hi``. Both modes treat the clamp of x0_hat
-    the same way (:func:`head_input`). With ``lam = 0`` (or outside the window) it is ``inner`` itself.
+    the same way (:func:`head_input`). ``only`` (a set of timesteps) guides at those steps alone (``--guide-every``).
+    With ``lam = 0`` (or outside the window) it is ``inner`` itself.
     """
     if lam < 0:
         raise UserError(f"--lambda must be >= 0, got {lam}")
@@ -139,7 +140,8 @@ def head_guidance(inner: Denoiser, model: Model, guides: Sequence[Guide], lam: f
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> Prediction:
         step = int(t[0])
-        if lam == 0 or (window is not None and not window[1] <= step <= window[0]):
+        if lam == 0 or (window is not None and not window[1] <= step <= window[0]) or (only is not None
+                                                                                     and step not in only):
             with torch.no_grad():
                 return inner(x, t)
         a = abar[step].float()

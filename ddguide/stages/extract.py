@@ -17,25 +17,11 @@ import numpy as np
 import torch
 
 from ddguide.core import artifacts
-from ddguide.core.data import (
-    attribute_labels,
-    labelled_files,
-    list_images,
-    load_image,
-    paired_masks,
-    to_tensor,
-)
+from ddguide.core.data import attribute_labels, labelled_files, list_images, load_image, paired_masks, to_tensor
 from ddguide.core.defaults import DEFAULT_TIMESTEPS
 from ddguide.core.errors import UserError
 from ddguide.core.model import load_model
-from ddguide.core.runtime import (
-    autocast,
-    barrier,
-    is_main_process,
-    process_shard,
-    resolve_device,
-    shard_bounds,
-)
+from ddguide.core.runtime import autocast, barrier, is_main_process, process_shard, resolve_device, shard_bounds
 from ddguide.method.features import FeatureSpec, compute
 
 

@@ -22,13 +22,7 @@ from ddguide.core.runtime import (
     resolve_device,
     shard_bounds,
 )
-from ddguide.core.samples import (
-    GRID,
-    GRID_IMAGES,
-    read_samples,
-    write_grid,
-    write_index,
-)
+from ddguide.core.samples import GRID, GRID_IMAGES, read_samples, write_grid, write_index
 from ddguide.method.rejection import Rejector, check_threshold
 
 Progress = Callable[[int, int], None]

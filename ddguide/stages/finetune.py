@@ -24,16 +24,7 @@ from ddguide.core.data import labelled_images, load_images
 from ddguide.core.errors import UserError
 from ddguide.core.model import Model, load_model
 from ddguide.core.unet import UNetModel
-from ddguide.stages.training import (
-    Labels,
-    Progress,
-    Recipe,
-    fit,
-    flat_config,
-    run_identity,
-    setup_device,
-    write_model,
-)
+from ddguide.stages.training import Labels, Progress, Recipe, fit, flat_config, run_identity, setup_device, write_model
 
 FINETUNE_RECIPE = Recipe(steps=10000, lr=1e-4, warmup=0)  # `ddguide finetune`'s defaults
 

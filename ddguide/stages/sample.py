@@ -34,25 +34,21 @@ from ddguide.core.samples import (
     write_index,
     write_png,
 )
-from ddguide.core.sampling import (
-    Denoiser,
-    StepHook,
-    image_generators,
-    per_image_randn,
-    sample_ddim,
-    sample_ddpm,
-)
-from ddguide.method.guidance import (
-    Guide,
-    classifier_free,
-    conditional,
-    head_guidance,
-    log_likelihood,
-)
+from ddguide.core.sampling import Denoiser, StepHook, image_generators, per_image_randn, sample_ddim, sample_ddpm
+from ddguide.method.guidance import Guide, classifier_free, conditional, head_guidance, head_input, log_likelihood
 from ddguide.method.heads import check_compatible, load_head
+from ddguide.method.particles import (
+    SEARCHES,
+    Steering,
+    SteeringConfig,
+    particle_generators,
+    particle_seed,
+    sphere_neighbours,
+)
 from ddguide.method.rejection import Rejector, check_threshold
 
 SAMPLERS = ("ddim", "ddpm")
+SMC = ("fk",)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GUIDE_GRADS = ("full", "x0")
 Progress = Callable[[int, int], None]
@@ -76,7 +72,7 @@ class SampleConfig:
     n: int = 16  # images (with rejection: accepted images per class)
     steps: int = 50
     sampler: str = "ddim"
-    eta: float = 0.0
+    eta: float | None = None  # DDIM eta (None: 0, or 1 for particle samplers, which need stochastic steps)
     seed: int = 0
     batch: int = 16
     device: str = "auto"
@@ -92,6 +88,19 @@ class SampleConfig:
     classes: list[str] = field(default_factory=list)  # names or ids; ["all"] cycles through every class
     cfg_scale: float | None = None
     reject: RejectSpec | None = None
+    guide_every: int = 1  # guide every k-th sampling step
+    particles: int = 1  # K chains per image (Feynman-Kac steering when K > 1)
+    smc: str | None = None  # "fk"
+    potential: str = "max"
+    potential_scale: float = 1.0
+    resample_every: int = 5
+    resample_window: tuple[int, int] | None = None
+    adaptive: bool = True
+    search: str | None = None  # "best-of-n" or "zero-order"
+    candidates: int = 4  # N
+    rounds: int = 2  # zero-order rounds after the first N candidates
+    search_step: float = 0.5
+    verifier: list[str] = field(default_factory=list)  # HEAD[:weight[:target]] (default: the guides)
 
     def validate(self) -> None:
         """Every option on its own and in combination, before any file is read."""
@@ -99,8 +108,9 @@ class SampleConfig:
             raise UserError("--num-images, --batch and --steps must be >= 1")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
-        if not 0.0 <= self.eta <= 1.0:
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise UserError(f"--eta must be in [0, 1], got {self.eta}")
+        self._validate_selection()
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r} ({', '.join(PRECISIONS)})")
         if self.reject is not None:
@@ -117,6 +127,36 @@ class SampleConfig:
             raise UserError(f"unknown --guide-grad {self.guide_grad!r} (full, x0)")
         for text in self.guides:
             parse_guide(text)
+
+    def _validate_selection(self) -> None:
+        """Particle and search options: counts, names, and a head to score with."""
+        if self.guide_every < 1:
+            raise UserError(f"--guide-every must be >= 1, got {self.guide_every}")
+        if self.particles < 1:
+            raise UserError(f"--particles must be >= 1, got {self.particles}")
+        if self.smc not in (None, *SMC):
+            raise UserError(f"unknown --smc {self.smc!r} (choose from {', '.join(SMC)})")
+        if self.search not in (None, *SEARCHES):
+            raise UserError(f"unknown --search {self.search!r} (choose from {', '.join(SEARCHES)})")
+        if self.search and self.selecting:
+            raise UserError("--search and --particles/--smc are two ways to select samples: choose one")
+        if self.search and (self.candidates < 1 or self.rounds < 0 or not 0 < self.search_step <= 10):
+            raise UserError("--candidates must be >= 1, --rounds >= 0 and --search-step in (0, 10]")
+        if (self.search or self.selecting) and not (self.verifier or self.guides):
+            raise UserError("--search and --particles need a head to score with: --guide HEAD or --verifier HEAD")
+        if self.verifier and not (self.search or self.selecting):
+            raise UserError("--verifier scores candidates or particles: give --search or --particles")
+        for text in self.verifier:
+            parse_guide(text)
+
+    @property
+    def selecting(self) -> bool:
+        """Whether particles are steered (K > 1 or --smc fk)."""
+        return self.particles > 1 or self.smc is not None
+
+    @property
+    def eta_value(self) -> float:
+        return self.eta if self.eta is not None else (1.0 if self.selecting and self.sampler == "ddim" else 0.0)
 
     @property
     def wanted(self) -> list[str]:
@@ -148,10 +188,11 @@ def parse_guide(text: str) -> tuple[str, float, str | None]:
     return path, weight, target or None
 
 
-def load_guides(cfg: SampleConfig) -> list[Guide]:
-    """The heads of ``--guide``, each with its weight and target (a class, or the ``--mask`` of a segmentation head)."""
+def load_guides(cfg: SampleConfig, specs: Sequence[str] | None = None) -> list[Guide]:
+    """The heads of ``--guide`` (or ``specs``), each with its weight and target (a class, or the ``--mask`` of a
+    segmentation head)."""
     experts = []
-    for text in cfg.guides:
+    for text in cfg.guides if specs is None else specs:
         path, weight, own_target = parse_guide(text)
         head = load_head(path)
         if head.cfg.dense:
@@ -252,11 +293,14 @@ def check_finite_images(x: torch.Tensor, indices: Sequence[int]) -> None:
 
 def draw(model: Model, den: Denoiser, indices: Sequence[int], seed: int, steps: Sequence[int],
          sampler: str = "ddim", eta: float = 0.0, callback: Callable[[int, int], None] | None = None,
-         after_step: StepHook | None = None) -> torch.Tensor:
-    """Sample the images with the given indices; returns float (N, C, H, W) in [-1, 1]."""
-    gens = image_generators(seed, indices)
+         after_step: StepHook | None = None, generators: list[torch.Generator] | None = None,
+         x: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample the images with the given indices; returns float (N, C, H, W) in [-1, 1]. ``generators`` (one per
+    chain; default: image k's ``seed + k``) draw the starting noise unless ``x`` gives it, and the steps' noise."""
+    gens = generators if generators is not None else image_generators(seed, indices)
     size = model.image_size
-    x = per_image_randn((model.net.cfg.in_channels, size, size), gens, model.device)
+    if x is None:
+        x = per_image_randn((model.net.cfg.in_channels, size, size), gens, model.device)
     if sampler == "ddim":
         return sample_ddim(den, x, steps, model.abar, eta=eta, generators=gens, callback=callback,
                            after_step=after_step)
@@ -281,6 +325,8 @@ class Sampling:
     ids: list[int] | None  # the chosen class ids (None: unconditional model)
     rejector: Rejector | None = None
     targets: dict[int, int] = field(default_factory=dict)  # class id -> rejection head's class index
+    verifiers: list[Guide] = field(default_factory=list)  # what scores particles and candidates (default: guides)
+    steps: list[int] = field(default_factory=list)  # the sampler's kept timesteps
 
     def denoiser_for(self, labels: torch.Tensor | None, indices: Sequence[int]) -> Denoiser:
         """The base denoiser, then CFG (when classes are sampled), then head guidance (when heads guide)."""
@@ -293,9 +339,82 @@ class Sampling:
         else:
             den = conditional(base, labels)
         if self.guides:
+            guided = set(sorted(self.steps, reverse=True)[::cfg.guide_every]) if cfg.guide_every > 1 else None
             den = head_guidance(den, self.features, self.guides, cfg.lam, indices, grad=cfg.guide_grad,
-                                window=cfg.guide_window, precision=cfg.precision)
+                                window=cfg.guide_window, precision=cfg.precision, only=guided)
         return den
+
+    # -- drawing a batch: plain, steered particles, or a search over noise ----------------------------------
+
+    def draw_batch(self, indices: list[int], labels: list[int] | None,
+                   callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The batch's images (float, [-1, 1]) and the index columns the selection adds."""
+        cfg = self.cfg
+        if cfg.search:
+            return self._search(indices, labels)
+        k = cfg.particles if cfg.selecting else 1
+        chains = [i for i in indices for _ in range(k)]
+        den = self.denoiser_for(None if labels is None else torch.tensor([c for c in labels for _ in range(k)]),
+                                chains)
+        if not cfg.selecting:
+            return self._draw(den, chains, None, callback), [{} for _ in indices]
+        steering = Steering(SteeringConfig(k, cfg.potential, cfg.potential_scale, cfg.resample_every,
+                                           cfg.resample_window, cfg.adaptive), self.reward, chains,
+                            [torch.Generator().manual_seed(particle_seed(cfg.seed, i, 0, stream=1)) for i in indices],
+                            len(self.steps))
+        x = self._draw(den, chains, particle_generators(cfg.seed, indices, k), callback, after_step=steering)
+        chosen = steering.chosen()
+        picked = torch.stack([x[b * k + int(chosen[b])] for b in range(len(indices))])
+        return picked, [steering.summary(b) for b in range(len(indices))]
+
+    def _draw(self, den: Denoiser, chains: list[int], generators: list[torch.Generator] | None,
+              callback: Callable[[int, int], None] | None = None, after_step: StepHook | None = None,
+              x: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        return draw(self.model, den, chains, cfg.seed, self.steps, cfg.sampler, cfg.eta_value, callback, after_step,
+                    generators, x)
+
+    def reward(self, x0: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """sum_g w_g log p_g(y_g | features(x0)) of the verifiers: the potential of particles and candidates."""
+        with torch.no_grad():
+            total, _ = log_likelihood(self.features, self.verifiers, head_input(x0), indices, self.cfg.precision)
+        return total
+
+    def _search(self, indices: list[int], labels: list[int] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Best of N candidates per image, then (zero-order) rounds of N neighbours of the best starting noise."""
+        cfg, n, b = self.cfg, self.cfg.candidates, len(indices)
+        chains = [i for i in indices for _ in range(n)]
+        den = self.denoiser_for(None if labels is None else torch.tensor([c for c in labels for _ in range(n)]),
+                                chains)
+        gens = particle_generators(cfg.seed, indices, n)
+        size = self.model.image_size
+        noise = per_image_randn((self.model.net.cfg.in_channels, size, size), gens, self.model.device)
+        rounds = cfg.rounds if cfg.search == "zero-order" else 0
+        best_x = best_z = best_score = None
+        chosen = [""] * b
+        for rnd in range(rounds + 1):
+            if rnd:  # neighbours of each image's best noise so far
+                noise = torch.cat([sphere_neighbours(best_z[j:j + 1], cfg.search_step,  # type: ignore[index]
+                                                     particle_generators(cfg.seed, [indices[j]], n, stream=1 + rnd))
+                                   for j in range(b)])
+            steps_gens = particle_generators(cfg.seed, indices, n, stream=100 + rnd)  # the steps' noise (eta > 0)
+            x = self._draw(den, chains, steps_gens, x=noise)
+            score = self.reward(x.clamp(-1, 1), chains).view(b, n).double().cpu()
+            score = torch.nan_to_num(score, nan=-math.inf)
+            top = score.argmax(dim=1)
+            for j in range(b):
+                s_j, row = score[j, top[j]], j * n + int(top[j])
+                if best_score is None or s_j > best_score[j]:
+                    if best_x is None:
+                        best_x, best_z = x[[row]].repeat(b, 1, 1, 1), noise[[row]].repeat(b, 1, 1, 1)
+                        best_score = torch.full((b,), -math.inf, dtype=torch.float64)
+                    best_x[j], best_z[j], best_score[j] = x[row], noise[row], s_j
+                    chosen[j] = f"{rnd}:{int(top[j])}"
+        if best_score is None or not bool(torch.isfinite(best_score).all()):
+            raise UserError("the verifier gave no candidate a finite score (NaN or -inf log-probabilities)")
+        extra = [{"candidates": n * (rounds + 1), "chosen": chosen[j], "verifier_logp": round(float(best_score[j]), 4)}
+                 for j in range(b)]
+        return best_x, extra  # type: ignore[return-value]
 
     def rows(self, x: torch.Tensor, labels: list[int] | None, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Index columns beyond file/index/seed: class, guidance, head probabilities."""
@@ -336,7 +455,15 @@ def prepare(cfg: SampleConfig) -> Sampling:
     check_guides(guides, features, model)
     wanted = cfg.wanted
     ids = class_ids(model, wanted) if wanted else None
-    sampling = Sampling(cfg, model, guides, features, ids)
+    sampling = Sampling(cfg, model, guides, features, ids, steps=timesteps_for(model, cfg.steps, cfg.sampler))
+    if cfg.verifier:
+        sampling.verifiers = load_guides(cfg, cfg.verifier)
+        check_guides(sampling.verifiers, features, model)
+    else:
+        sampling.verifiers = guides
+    if cfg.selecting:
+        SteeringConfig(cfg.particles, cfg.potential, cfg.potential_scale, cfg.resample_every, cfg.resample_window,
+                       cfg.adaptive).validate(sampling.steps)
     if cfg.reject is not None:
         _add_rejector(sampling, cfg.reject, device)
     return sampling
@@ -416,7 +543,7 @@ class Quotas:
 def sample(cfg: SampleConfig, progress: Progress | None = None) -> SampleResult:
     """Sample into ``cfg.out`` (PNGs, index.csv, grid.png); returns what was written."""
     run = prepare(cfg)
-    steps = timesteps_for(run.model, cfg.steps, cfg.sampler)
+    steps = run.steps
     rank, world = process_shard()
     rejecting = run.rejector is not None
     if rejecting and world > 1:
@@ -434,11 +561,10 @@ def sample(cfg: SampleConfig, progress: Progress | None = None) -> SampleResult:
             cb = None
             if progress and not rejecting:
                 cb = lambda i, _k, d=drawn * len(steps), b=len(indices): progress(d + i * b, total * len(steps))  # noqa: E731
-            den = run.denoiser_for(None if labels is None else torch.tensor(labels), indices)
-            x = draw(run.model, den, indices, cfg.seed, steps, cfg.sampler, cfg.eta, cb)
+            x, chosen_rows = run.draw_batch(indices, labels, cb)
             check_finite_images(x, indices)
             drawn += len(indices)
-            extra = run.rows(x, labels, indices)
+            extra = [{**a, **b} for a, b in zip(run.rows(x, labels, indices), chosen_rows)]
             images = to_uint8(x)
             probs = run.accept(images, labels, indices)
             for j, (k, image, more) in enumerate(zip(indices, images, extra)):

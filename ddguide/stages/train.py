@@ -22,15 +22,7 @@ from ddguide.core.diffusion import DiffusionConfig
 from ddguide.core.errors import UserError
 from ddguide.core.presets import get_preset
 from ddguide.core.unet import UNetConfig, UNetModel
-from ddguide.stages.training import (
-    Progress,
-    Recipe,
-    fit,
-    flat_config,
-    run_identity,
-    setup_device,
-    write_model,
-)
+from ddguide.stages.training import Progress, Recipe, fit, flat_config, run_identity, setup_device, write_model
 
 TRAIN_RECIPE = Recipe(steps=20000, lr=2e-4, warmup=200)  # `ddguide train`'s defaults
 

@@ -23,12 +23,7 @@ import torch.distributed as dist
 from ddguide.core import artifacts
 from ddguide.core.checkpoint import RunState, restore_checkpoint, save_checkpoint
 from ddguide.core.data import to_tensor
-from ddguide.core.diffusion import (
-    DiffusionConfig,
-    alphas_cumprod,
-    q_sample,
-    split_output,
-)
+from ddguide.core.diffusion import DiffusionConfig, alphas_cumprod, q_sample, split_output
 from ddguide.core.errors import UserError
 from ddguide.core.model import Model, save_model
 from ddguide.core.runtime import (

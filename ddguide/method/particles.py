@@ -1,0 +1,181 @@
+"""Particle and search samplers with heads as potentials or verifiers.
+
+Guidance by gradient (Eq. 13) can fool a head instead of producing the attribute; methods that *select* among
+samples of the model itself cannot leave the model's distribution. Two families, both built on the one sampling
+loop (``sampling.run_chain``):
+
+- **Feynman-Kac steering** (Singhal et al., ICML 2025): K chains (particles) per image. At evaluation steps every
+  particle is scored by the reward ``r = sum_g w_g log p_g(y_g | features(x0_hat))`` of the guiding heads, its
+  lineage statistic is updated (``max``: running maximum, ``sum``: running sum, ``diff``: the latest reward) and
+  its log-weight grows by ``scale * (new statistic - old statistic)``, so the product of the potentials over a
+  trajectory is ``exp(scale * final statistic)``. When the effective sample size of an image's particles falls
+  below K/2 (or at every evaluation with ``adaptive=False``) they are resampled (systematic resampling). No
+  backward pass is needed; with ``--lambda > 0`` the Eq. 13 step is the proposal. At the end the particle with the
+  highest final reward is kept.
+- **Search over noise** (Ma et al., 2025): ``best-of-n`` draws N candidates and keeps the verifier's best;
+  ``zero-order`` then draws N neighbours of the best starting noise on its sphere, a few rounds, keeping the best.
+
+All randomness of image k (its particles' noise, the resampling draws, the neighbours) comes from generators
+seeded by (seed, k), so any batch size or process split gives the same image. Particle 0 of image k uses the
+generator of the plain sampler, so K = 1 (or N = 1) is the plain sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ddguide.core.errors import UserError
+from ddguide.core.sampling import Chain
+
+POTENTIALS = ("max", "diff", "sum")
+SEARCHES = ("best-of-n", "zero-order")
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio increment: spreads (seed, k, j) over the generator seed space
+
+
+def particle_seed(seed: int, index: int, particle: int, stream: int = 0) -> int:
+    """The generator seed of particle ``particle`` of image ``index`` (stream 0: its noise; others: resampling,
+    neighbours). Particle 0's noise is the plain sampler's ``seed + index``."""
+    if particle == 0 and stream == 0:
+        return seed + index
+    h = (seed + index) * _MIX + (particle + 1) * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB
+    return (h ^ (h >> 31)) % (2**63 - 1)
+
+
+def particle_generators(seed: int, indices: Sequence[int], k: int, stream: int = 0) -> list[torch.Generator]:
+    """Generators of K particles per image, image-major: [(i0, 0), (i0, 1), ..., (i1, 0), ...]."""
+    return [torch.Generator().manual_seed(particle_seed(seed, int(i), j, stream)) for i in indices for j in range(k)]
+
+
+def effective_sample_size(logw: torch.Tensor) -> torch.Tensor:
+    """ESS of each row of log-weights (images x particles): (sum w)^2 / sum w^2, in [1, K]."""
+    w = torch.softmax(logw, dim=-1)
+    return 1.0 / (w**2).sum(dim=-1)
+
+
+def systematic_resample(logw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Ancestor indices for one image's K particles (systematic resampling: one uniform draw)."""
+    k = logw.shape[-1]
+    w = torch.softmax(logw.double(), dim=-1)
+    u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(k, dtype=torch.float64)) / k
+    return torch.searchsorted(torch.cumsum(w, -1), u).clamp(max=k - 1)
+
+
+@dataclass
+class SteeringConfig:
+    particles: int = 4
+    potential: str = "max"
+    scale: float = 1.0  # the potentials are exp(scale * reward statistic)
+    every: int = 5  # evaluate (and maybe resample) every this many steps
+    window: tuple[int, int] | None = None  # (hi, lo): evaluate only while lo <= t <= hi
+    adaptive: bool = True  # resample only when ESS < K/2
+
+    def validate(self, steps: Sequence[int]) -> None:
+        if self.particles < 1:
+            raise UserError(f"--particles must be >= 1, got {self.particles}")
+        if self.potential not in POTENTIALS:
+            raise UserError(f"unknown --potential {self.potential!r} ({', '.join(POTENTIALS)})")
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise UserError(f"--potential-scale must be a finite number >= 0, got {self.scale}")
+        if self.every < 1:
+            raise UserError(f"--resample-every must be >= 1, got {self.every}")
+        if self.window is not None:
+            hi, lo = self.window
+            if not hi >= lo >= 0 or not any(lo <= t <= hi for t in steps):
+                raise UserError(f"--resample-window {hi} {lo} holds none of the sampler's timesteps "
+                                f"({min(steps)}..{max(steps)})")
+
+
+@dataclass
+class Steering:
+    """Feynman-Kac steering of ``images x K`` chains, run as the sampling loop's ``after_step`` hook.
+
+    ``reward(x0, indices) -> (N,)`` scores x0_hat of every chain (the chains of image k get index k)."""
+
+    cfg: SteeringConfig
+    reward: object  # Callable[[Tensor, Sequence[int]], Tensor]
+    indices: list[int]  # image index of every chain (each repeated K times)
+    resample_gens: list[torch.Generator]  # one per image
+    total_steps: int
+    stat: torch.Tensor = field(init=False)
+    logw: torch.Tensor = field(init=False)
+    started: bool = field(init=False, default=False)
+    resamples: torch.Tensor = field(init=False)
+    ess_trace: list[torch.Tensor] = field(init=False, default_factory=list)
+    last_reward: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        n = len(self.indices) // self.cfg.particles
+        self.stat = torch.zeros(n, self.cfg.particles, dtype=torch.float64)
+        self.logw = torch.zeros_like(self.stat)
+        self.resamples = torch.zeros(n, dtype=torch.long)
+
+    def evaluates(self, i: int, t: int) -> bool:
+        """Whether step number i (at schedule index t) scores the particles. The last step always does: the
+        kept particle is chosen on the final image's reward."""
+        if i == self.total_steps - 1:
+            return True
+        inside = self.cfg.window is None or self.cfg.window[1] <= t <= self.cfg.window[0]
+        return inside and (i + 1) % self.cfg.every == 0
+
+    def __call__(self, i: int, t: int, t_prev: int, chain: Chain) -> None:
+        if not self.evaluates(i, t):
+            return
+        final = i == self.total_steps - 1
+        x0 = chain.x.clamp(-1, 1) if final else chain.x0
+        r = self.reward(x0, self.indices).double().view_as(self.stat).cpu()
+        if not bool(torch.isfinite(r).any(dim=1).all()):
+            raise UserError("every particle of an image got a NaN or -inf potential: the guiding heads' "
+                            "log-probabilities are not finite (check the heads and --potential-scale)")
+        r = torch.nan_to_num(r, nan=-math.inf)
+        self.last_reward = r
+        new = self._statistic(r)
+        base = self.stat if self.started else torch.zeros_like(self.stat)
+        self.logw = self.logw + self.cfg.scale * torch.nan_to_num(new - base, nan=0.0, neginf=-1e30)
+        self.stat, self.started = new, True
+        if final:
+            return
+        ess = effective_sample_size(self.logw)
+        self.ess_trace.append(ess)
+        k = self.cfg.particles
+        for b in range(self.stat.shape[0]):
+            if self.cfg.adaptive and ess[b] >= k / 2:
+                continue
+            parent = systematic_resample(self.logw[b], self.resample_gens[b])
+            rows = b * k + parent.to(chain.x.device)
+            chain.x[b * k:(b + 1) * k] = chain.x[rows]  # each slot keeps its own noise generator
+            self.stat[b] = self.stat[b, parent]
+            self.logw[b] = 0.0
+            self.resamples[b] += 1
+
+    def _statistic(self, r: torch.Tensor) -> torch.Tensor:
+        if not self.started or self.cfg.potential == "diff":
+            return r
+        if self.cfg.potential == "max":
+            return torch.maximum(self.stat, r)
+        return self.stat + r  # sum
+
+    def chosen(self) -> torch.Tensor:
+        """Per image, the particle kept: the highest reward on the final image."""
+        assert self.last_reward is not None
+        return self.last_reward.argmax(dim=1)
+
+    def summary(self, b: int) -> dict[str, float | int]:
+        """Index columns of image b: particles, resampling count, ESS trace summary, chosen particle."""
+        trace = [float(e[b]) for e in self.ess_trace]
+        return {"particles": self.cfg.particles, "resampled": int(self.resamples[b]),
+                "ess_min": round(min(trace), 3) if trace else float(self.cfg.particles),
+                "ess_mean": round(sum(trace) / len(trace), 3) if trace else float(self.cfg.particles),
+                "chosen": int(self.chosen()[b])}
+
+
+def sphere_neighbours(z: torch.Tensor, step: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One neighbour of noise ``z`` (1, C, H, W) per generator on the sphere of z's radius: the pivot moved by
+    ``step`` times a fresh Gaussian direction, then rescaled to the pivot's norm (Ma et al.'s zero-order search)."""
+    d = torch.stack([torch.randn(tuple(z.shape[1:]), generator=g) for g in generators]).to(z.device, z.dtype)
+    moved = z + step * d
+    norm = z.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return moved / moved.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * norm

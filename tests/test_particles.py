@@ -1,0 +1,168 @@
+"""Particle (Feynman-Kac steering) and search (best-of-N, zero-order) samplers with heads as potentials."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import build_tiny, cli, expect_ok, expect_user_error, shapes_data
+from ddguide.core.sampling import Chain
+from ddguide.method.particles import (Steering, SteeringConfig, effective_sample_size, particle_seed,
+                                      sphere_neighbours, systematic_resample)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, tiny_model_path) -> Path:
+    root = tmp_path_factory.mktemp("particles")
+    data = shapes_data(root / "data")
+    expect_ok(cli("extract", data / "images", "--model", tiny_model_path, "--blocks", "mid", "--timesteps", 300,
+                  "--labels", data / "attributes.csv", "--label", "has_circle", "--device", "cpu",
+                  "--out", root / "f.safetensors"))
+    expect_ok(cli("train-head", root / "f.safetensors", "--steps", 20, "--out", root / "h.safetensors"))
+    return root / "h.safetensors"
+
+
+def run(tiny_model_path, out: Path, *options) -> list[dict[str, str]]:
+    expect_ok(cli("sample", "--model", tiny_model_path, "-n", 3, "--steps", 6, "--device", "cpu",
+                  "--precision", "fp32", "--out", out, *options))
+    return list(csv.DictReader(open(out / "index.csv")))
+
+
+def pixels(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("0*.png"))])
+
+
+# ------------------------------------------------------------------------------------------- Feynman-Kac
+
+
+def test_one_particle_is_the_plain_sampler(tiny_model_path, head, tmp_path):
+    run(tiny_model_path, tmp_path / "plain", "--eta", 1.0)
+    rows = run(tiny_model_path, tmp_path / "fk", "--eta", 1.0, "--smc", "fk", "--particles", 1, "--guide", head,
+               "--lambda", 0)
+    assert np.array_equal(pixels(tmp_path / "fk"), pixels(tmp_path / "plain"))
+    assert [r["chosen"] for r in rows] == ["0"] * 3 and [r["resampled"] for r in rows] == ["0"] * 3
+
+
+def test_image_k_does_not_depend_on_the_batch(tiny_model_path, head, tmp_path):
+    common = ("--guide", head, "--lambda", 0, "--particles", 3, "--resample-every", 1, "--potential-scale", 1000)
+    a = run(tiny_model_path, tmp_path / "a", *common, "--batch", 1)
+    b = run(tiny_model_path, tmp_path / "b", *common, "--batch", 3)
+    assert np.array_equal(pixels(tmp_path / "a"), pixels(tmp_path / "b")) and a == b
+    assert sum(int(r["resampled"]) for r in a) > 0  # a strong potential makes the particles resample
+    assert all(1 <= float(r["ess_min"]) <= float(r["ess_mean"]) <= 3 for r in a)
+
+
+def test_particles_are_scored_and_the_best_is_kept():
+    """Steering on a toy reward (the chain's mean value): resampling moves chains towards high reward and the
+    kept particle has the highest final reward."""
+    k, steps = 4, 3
+    cfg = SteeringConfig(particles=k, potential="max", scale=20.0, every=1, adaptive=False)
+    steer = Steering(cfg, lambda x0, idx: x0.flatten(1).mean(1), [0] * k, [torch.Generator().manual_seed(0)], steps)
+    x = torch.arange(k, dtype=torch.float32).view(k, 1, 1, 1).repeat(1, 1, 2, 2)  # chain j has value j
+    chain = Chain(x.clone(), x.clone(), None)
+    steer(0, 900, 600, chain)
+    assert int(steer.resamples[0]) == 1 and chain.x.flatten(1).mean(1).min() >= 2  # the low chains were dropped
+    steer(2, 300, -1, Chain(torch.tensor([0.1, 0.9, 0.3, 0.5]).view(k, 1, 1, 1), None, None))  # the last step
+    assert int(steer.chosen()[0]) == 1
+
+
+def test_potentials_telescope_to_the_final_statistic(monkeypatch):
+    """Without resampling, the accumulated log-weight is scale x (max | sum | latest) of the rewards seen."""
+    import ddguide.method.particles as particles
+
+    monkeypatch.setattr(particles, "effective_sample_size", lambda logw: torch.full(logw.shape[:-1], 9.0))
+    rewards = [[-1.0, -3.0], [-2.0, -0.5], [-4.0, -1.0]]
+    expected = {"max": [-1.0, -0.5], "sum": [-7.0, -4.5], "diff": [-4.0, -1.0]}
+    for potential, want in expected.items():
+        seq = iter(torch.tensor(r) for r in rewards)
+        cfg = SteeringConfig(particles=2, potential=potential, scale=2.0, every=1)
+        steer = Steering(cfg, lambda x0, idx: next(seq), [0, 0], [torch.Generator()], 4)
+        for i, t in enumerate((900, 600, 300)):
+            steer(i, t, t - 300, Chain(torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1), None))
+        assert int(steer.resamples[0]) == 0
+        assert torch.allclose(steer.logw[0], 2.0 * torch.tensor(want, dtype=torch.float64)), potential
+
+
+def test_resampling_helpers():
+    logw = torch.tensor([0.0, -math.inf, -math.inf, 0.0])
+    assert float(effective_sample_size(logw)) == pytest.approx(2.0)
+    parents = systematic_resample(logw, torch.Generator().manual_seed(1))
+    assert set(parents.tolist()) <= {0, 3} and len(parents) == 4
+    assert particle_seed(5, 3, 0) == 8 and len({particle_seed(5, 3, j) for j in range(100)}) == 100
+    z = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    moved = sphere_neighbours(z, 0.5, [torch.Generator().manual_seed(i) for i in range(3)])
+    assert moved.shape == (3, 3, 4, 4) and torch.allclose(moved.flatten(1).norm(dim=1), z.norm().expand(3))
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+def test_best_of_one_is_the_plain_sampler_and_best_of_n_keeps_the_best(tiny_model_path, head, tmp_path,
+                                                                        monkeypatch):
+    run(tiny_model_path, tmp_path / "plain")
+    one = run(tiny_model_path, tmp_path / "one", "--verifier", head, "--search", "best-of-n", "--candidates", 1)
+    assert np.array_equal(pixels(tmp_path / "one"), pixels(tmp_path / "plain")) and one[0]["chosen"] == "0:0"
+    from ddguide.stages.sample import Sampling
+
+    monkeypatch.setattr(Sampling, "reward", lambda self, x0, idx: x0.flatten(1).mean(1))  # brightest wins
+    rows = run(tiny_model_path, tmp_path / "best", "--verifier", head, "--search", "best-of-n", "--candidates", 4)
+    bright = pixels(tmp_path / "best").reshape(3, -1).mean(1)
+    assert np.all(bright >= pixels(tmp_path / "plain").reshape(3, -1).mean(1) - 0.5)
+    assert [r["candidates"] for r in rows] == ["4"] * 3
+
+
+def test_zero_order_search_is_deterministic_per_image(tiny_model_path, head, tmp_path):
+    common = ("--verifier", head, "--search", "zero-order", "--candidates", 2, "--rounds", 2)
+    a = run(tiny_model_path, tmp_path / "a", *common, "--batch", 1)
+    b = run(tiny_model_path, tmp_path / "b", *common, "--batch", 3)
+    assert np.array_equal(pixels(tmp_path / "a"), pixels(tmp_path / "b")) and a == b
+    assert [r["candidates"] for r in a] == ["6"] * 3 and all(r["chosen"][0] in "012" for r in a)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (("--particles", 0), "--particles"),
+    (("--particles", 2), "a head to score with"),
+    (("--smc", "tds", "--guide", "{head}"), "--smc"),
+    (("--search", "beam", "--guide", "{head}"), "--search"),
+    (("--search", "best-of-n", "--candidates", 0, "--guide", "{head}"), "--candidates"),
+    (("--search", "best-of-n", "--particles", 2, "--guide", "{head}"), "choose one"),
+    (("--verifier", "{head}"), "--verifier scores"),
+    (("--particles", 2, "--guide", "{head}", "--resample-window", 5, 2), "--resample-window"),
+    (("--guide", "{head}", "--guide-every", 0), "--guide-every"),
+])
+def test_bad_particle_options_are_one_line(tiny_model_path, head, tmp_path, options, fragment):
+    options = [str(o).replace("{head}", str(head)) for o in options]
+    r = cli("sample", "--model", tiny_model_path, "-n", 1, "--steps", 3, "--device", "cpu", "--out", tmp_path / "s",
+            *options)
+    expect_user_error(r, fragment)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_verifier_of_another_model_is_refused(head, tmp_path):
+    from ddguide.core.model import save_model
+
+    other = tmp_path / "other.safetensors"
+    save_model(other, build_tiny(seed=5))
+    r = cli("sample", "--model", other, "--verifier", head, "--search", "best-of-n", "-n", 1, "--steps", 2,
+            "--device", "cpu", "--out", tmp_path / "s")
+    expect_user_error(r, str(head))
+
+
+def test_nan_potentials_stop_with_one_line_and_write_nothing(tiny_model_path, head, tmp_path, monkeypatch):
+    from ddguide.stages.sample import Sampling
+
+    monkeypatch.setattr(Sampling, "reward", lambda self, x0, idx: torch.full((len(x0),), float("nan")))
+    for options in (("--particles", 2, "--guide", head), ("--search", "best-of-n", "--verifier", head)):
+        r = cli("sample", "--model", tiny_model_path, "-n", 2, "--steps", 3, "--device", "cpu",
+                "--out", tmp_path / "s", *options)
+        expect_user_error(r, "NaN")
+        assert not (tmp_path / "s").exists()
