@@ -136,3 +136,24 @@ def test_presets_lists_sizes_and_parameter_counts():
     assert rows["tiny"]["parameters"] < 10**5 < rows["small16"]["parameters"] < 5 * 10**6
     assert rows["small64"]["parameters"] < 5 * 10**6  # trainable on a CPU
     assert rows["256x256_diffusion"]["parameters"] > 5 * 10**8
+
+
+# ------------------------------------------------------------------------------------- cas
+
+
+def test_cas_no_hflip_and_a_warning_for_milestones_beyond_the_epochs(data, tmp_path, monkeypatch):
+    import ddguide.stages.cas
+    from ddguide.core import artifacts
+
+    def no_flips(*_):
+        raise AssertionError("--no-hflip flipped")
+
+    monkeypatch.setattr(ddguide.stages.cas, "random_flip", no_flips)
+    r = expect_ok(cli("cas", "--train", data / "images", "--test", data / "images", "--epochs", 2, "--batch", 6,
+                      "--milestones", 1, 3, "--no-hflip", "--out", tmp_path / "r.safetensors", "--device", "cpu",
+                      "--threads", 1))
+    assert "warning: --milestones 1 3: 3 is not reached within --epochs 2" in " ".join(r.output.split())
+    assert artifacts.load(tmp_path / "r.safetensors", "report").config["cas"]["hflip"] is False
+    r = cli("cas", "--train", data / "images", "--test", data / "images", "--epochs", 1, "--hflip", "--out",
+            tmp_path / "f.safetensors", "--device", "cpu")
+    assert r.exit_code == 1 and "--no-hflip flipped" in r.output  # --hflip (the default) does flip

@@ -120,6 +120,9 @@ def cas_command(
     resize: Annotated[str, typer.Option(
         help="Images of another size: refuse, resize or center-crop.")] = "refuse",
     seed: CasSeedOpt = 0,
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help=(
+        "Random horizontal flips of the training images; --no-hflip for data whose mirror image is another "
+        "thing (digits, text)."))] = True,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
@@ -131,9 +134,20 @@ def cas_command(
     cfg = CasConfig(train=[str(t) for t in train], test=str(test), out=str(out), arch=arch, epochs=epochs,
                     batch=batch, lr=lr, milestones=list(milestones), mixup_cutmix=mixup_cutmix, stem=stem,
                     image_size=image_size, resize=resize, seed=seed, precision=precision, device=device,
-                    threads=threads)
+                    threads=threads, hflip=hflip)
+    warning = [cfg.milestone_warning()]  # said once training starts: a refused run keeps its one error line
+
+    def update(done: int, total: int, info: str = "") -> None:
+        if warning[0]:
+            from rich.markup import escape
+
+            console.print(f"[yellow]warning:[/yellow] {escape(warning.pop())}", highlight=False, soft_wrap=True,
+                          markup=True)
+            warning.append(None)
+        bar.update(done, total, info)
+
     with progress_bar("CAS") as bar:
-        result = run(cfg, progress=bar.update)
+        result = run(cfg, progress=update)
     table = Table(title="Classification Accuracy Score (real test set)")
     table.add_column("metric")
     table.add_column("value", justify="right")

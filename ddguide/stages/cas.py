@@ -5,7 +5,7 @@ folders (``index.csv`` with ``file`` and ``class``) - and tested on a REAL label
 name, so synthetic data of a fine-tuned model is scored against the real classes it was made for.
 
 Recipe: a torchvision-identical ResNet (``ddguide.metrics.resnet``), Adam with the learning rate multiplied by 0.1 at
-each milestone epoch, random horizontal flips, and optionally mixup or cutmix (one of the two, evenly) on a
+each milestone epoch, random horizontal flips (unless ``hflip`` is off), and optionally mixup or cutmix (one of the two, evenly) on a
 batch with probability ``p``. A checkpoint beside the report is written after every epoch; rerunning the same
 command resumes from it (and only re-evaluates once training has finished).
 """
@@ -57,6 +57,7 @@ class CasConfig:
     precision: str = "fp32"
     device: str = "auto"
     threads: int | None = None
+    hflip: bool = True  # random horizontal flips (wrong for digits and text)
 
     def validate(self) -> None:
         if not self.train:
@@ -73,7 +74,16 @@ class CasConfig:
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree with to be resumed (not the epoch count, device or precision)."""
         return run_identity(self, ("train", "test", "arch", "batch", "lr", "milestones", "mixup_cutmix", "stem",
-                                   "image_size", "resize", "seed"))
+                                   "image_size", "resize", "seed") + (("hflip",) if not self.hflip else ()))
+
+    def milestone_warning(self) -> str | None:
+        """A sentence when a learning-rate milestone lies beyond the last epoch (its decay never happens)."""
+        late = [m for m in self.milestones if m >= self.epochs]
+        if not late:
+            return None
+        return (f"--milestones {' '.join(map(str, self.milestones))}: {' and '.join(map(str, late))} "
+                f"{'is' if len(late) == 1 else 'are'} not reached within --epochs {self.epochs}, so the learning "
+                f"rate is decayed {len(self.milestones) - len(late)} time(s), not {len(self.milestones)}")
 
 
 @dataclass
@@ -240,7 +250,9 @@ def cas(cfg: CasConfig, progress: Progress | None = None) -> CasResult:
         net.train()
         losses, t_last = [], time.time()
         for i, idx in enumerate(_batches(n, cfg.batch, gen)):
-            x = random_flip(to_tensor(train.images[idx].numpy()).to(device), gen)  # (B, 3, H, W)
+            x = to_tensor(train.images[idx].numpy()).to(device)  # (B, 3, H, W)
+            if cfg.hflip:
+                x = random_flip(x, gen)
             y = train.labels[idx].to(device)
             perm, lam = None, 1.0
             if cfg.mixup_cutmix and bool(torch.rand((), generator=gen) < cfg.mixup_cutmix):
