@@ -1,0 +1,179 @@
+"""Guided sampling methods side by side on the shipped model, judged by the shapes oracle (never by the head).
+
+For each attribute: a head from 50 + 50 labelled images (the default taps, as `extract` picks them), then n samples
+per seed and method, all through `ddguide.stages.sample.sample` (what `ddguide sample` runs), DDIM 25 steps:
+
+    unguided        plain sampling
+    eq13-x0         Eq. 13, --lambda 3 --guide-grad x0
+    best-of-N       N candidates, the head as verifier keeps the best (--search best-of-n)
+    fk-K            Feynman-Kac steering with K particles, potentials from the head (--particles K)
+    fk-K+eq13       FK whose proposal is the Eq. 13 step (--particles K --lambda 1 --guide-grad x0)
+    zero-order      --search zero-order --candidates 2 --rounds 1
+
+Reported per method: the oracle's share of images with the attribute, the share of valid images, the Frechet
+distance (denoiser `mid` features, as `ddguide fid --features denoiser`) to real images that have the attribute,
+the cost per image in U-Net passes (full forwards, truncated feature passes, backward passes, counted by hooks)
+and wall time, mean and spread over seeds.
+
+    python benchmarks/guidance.py --attributes has_red has_circle --seeds 0 1 2 --n 64 --out runs/guidance.json
+Rows are appended to --out as they are measured; a rerun skips the rows already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lambda_curve import head_for  # noqa: E402
+
+from ddguide.core.data import load_image  # noqa: E402
+from ddguide.core.model import load_model  # noqa: E402
+from ddguide.core.samples import read_samples  # noqa: E402
+from ddguide.core.unet import UNetModel  # noqa: E402
+from ddguide.metrics.fid import DenoiserFeatures, frechet_distance  # noqa: E402
+from ddguide.shapes import oracles  # noqa: E402
+from ddguide.shapes.dataset import ShapesConfig, generate  # noqa: E402
+from ddguide.stages.sample import SampleConfig, sample  # noqa: E402
+
+METHODS = {
+    "unguided": {},
+    "eq13-x0": {"lam": 3.0, "guide_grad": "x0"},
+    "best-of-4": {"search": "best-of-n", "candidates": 4, "lam": 0.0},
+    "best-of-8": {"search": "best-of-n", "candidates": 8, "lam": 0.0},
+    "fk-4": {"particles": 4, "lam": 0.0},
+    "fk-8": {"particles": 8, "lam": 0.0},
+    "fk-4+eq13": {"particles": 4, "lam": 1.0, "guide_grad": "x0"},
+    "zero-order": {"search": "zero-order", "candidates": 2, "rounds": 1, "lam": 0.0},
+}
+
+
+class Counter:
+    """Images through the U-Net's full forward, through truncated feature passes, and backward passes."""
+
+    def __init__(self) -> None:
+        self.forward = self.features = self.backward = 0
+        self._forward, self._features, self._grad = UNetModel.forward, UNetModel.features, torch.autograd.grad
+
+    def __enter__(self) -> "Counter":
+        counter = self
+
+        def forward(net, x, *a, **k):
+            counter.forward += len(x)
+            return counter._forward(net, x, *a, **k)
+
+        def features(net, x, *a, **k):
+            counter.features += len(x)
+            return counter._features(net, x, *a, **k)
+
+        def grad(outputs, inputs, *a, **k):
+            counter.backward += len(inputs[0] if isinstance(inputs, (list, tuple)) else inputs)
+            return counter._grad(outputs, inputs, *a, **k)
+
+        UNetModel.forward, UNetModel.features, torch.autograd.grad = forward, features, grad
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        UNetModel.forward, UNetModel.features, torch.autograd.grad = self._forward, self._features, self._grad
+
+
+def real_features(work: Path, attribute: str, extractor: DenoiserFeatures, n: int = 512) -> np.ndarray:
+    """Denoiser features of n fresh real images that have the attribute."""
+    cache = work / f"real-{attribute}.npy"
+    if cache.exists():
+        return np.load(cache)
+    pool = work / "real-pool"
+    if not (pool / "dataset.json").exists():
+        generate(pool, ShapesConfig(n=3 * n, size=32, seed=4242, split="test"))
+    images = np.stack([load_image(r.path) for r in read_samples(pool)])
+    keep = images[oracles.predict_attributes(images)[attribute] == 1][:n]
+    feats = features_of(keep, extractor)
+    np.save(cache, feats)
+    return feats
+
+
+def features_of(images: np.ndarray, extractor: DenoiserFeatures) -> np.ndarray:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        return np.concatenate([extractor(x[i:i + 128]).numpy() for i in range(0, len(x), 128)]).astype(np.float64)
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+    return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+
+
+def measure(head: Path, attribute: str, method: str, seed: int, n: int, steps: int, batch: int,
+            real: np.ndarray, extractor: DenoiserFeatures) -> dict:
+    options = dict(METHODS[method])
+    guided = method != "unguided"
+    with tempfile.TemporaryDirectory() as tmp, Counter() as count:
+        start = time.perf_counter()
+        cfg = SampleConfig(out=str(Path(tmp) / "s"), n=n, steps=steps, seed=1000 * seed, batch=batch, device="cpu",
+                           precision="auto", guides=[str(head)] if guided else [], **options)
+        sample(cfg)
+        wall = time.perf_counter() - start
+        images = np.stack([load_image(r.path) for r in read_samples(Path(tmp) / "s")])
+    attrs = oracles.predict_attributes(images)
+    return {"attribute": attribute, "method": method, "seed": seed, "n": n, "steps": steps,
+            "share": float((attrs[attribute] == 1).mean()), "valid": float(oracles.is_valid(images).mean()),
+            "fd_to_real_with_attribute": fd(features_of(images, extractor), real),
+            "forward_per_image": count.forward / n, "feature_passes_per_image": count.features / n,
+            "backward_per_image": count.backward / n, "seconds_per_image": wall / n}
+
+
+def summarise(rows: list[dict]) -> None:
+    print(f"\n{'attribute':12s} {'method':11s} {'share':>13s} {'valid':>6s} {'FD':>7s} {'fwd':>5s} {'feat':>5s} "
+          f"{'bwd':>5s} {'s/img':>6s} seeds")
+    keys = sorted({(r["attribute"], r["method"]) for r in rows}, key=lambda k: (k[0], list(METHODS).index(k[1])))
+    for attribute, method in keys:
+        rs = [r for r in rows if r["attribute"] == attribute and r["method"] == method]
+        share = np.array([r["share"] for r in rs])
+        mean = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
+        print(f"{attribute:12s} {method:11s} {share.mean():.3f} ± {share.std():.3f} {mean('valid'):6.3f} "
+              f"{mean('fd_to_real_with_attribute'):7.2f} {mean('forward_per_image'):5.0f} "
+              f"{mean('feature_passes_per_image'):5.0f} {mean('backward_per_image'):5.0f} "
+              f"{mean('seconds_per_image'):6.2f} {len(rs)} x n={rs[0]['n']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attributes", nargs="+", default=["has_red", "has_circle"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("runs/guidance"))
+    ap.add_argument("--out", type=Path, default=Path("runs/guidance.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    extractor = DenoiserFeatures(load_model(), "cpu")
+    for attribute in args.attributes:
+        head = head_for(args.work, attribute, tuple(load_model().net.default_taps()), (300,), 0)
+        real = real_features(args.work, attribute, extractor)
+        for seed in args.seeds:
+            for method in args.methods:
+                key = {"attribute": attribute, "method": method, "seed": seed, "n": args.n, "steps": args.steps}
+                if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+                    continue
+                row = measure(head, attribute, method, seed, args.n, args.steps, args.batch, real, extractor)
+                rows.append(row)
+                args.out.write_text(json.dumps(rows, indent=1))
+                print(json.dumps(row), flush=True)
+    summarise(rows)
+
+
+if __name__ == "__main__":
+    main()
