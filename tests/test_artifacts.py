@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny
 from ddguide.core import artifacts
+from ddguide.core.checkpoint import CheckpointMeta, RunState, restore_checkpoint, save_checkpoint
 from ddguide.core.errors import UserError
 from ddguide.core.model import load_model, save_model
 from ddguide.method.features import load_features
@@ -148,11 +149,45 @@ def foreign_stats(path: Path, folder: Path) -> None:
     check_comparable(load_stats(path), load_stats(other))
 
 
+# ------------------------------------------------------------------------------------------------- checkpoint
+
+RUN = {"data": "images", "steps": 4}
+
+
+def _training_state():
+    net = build_tiny(seed=0).net
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    return net, opt, torch.Generator().manual_seed(0), RunState()
+
+
+def write_checkpoint(path: Path) -> Written:
+    net, opt, gen, state = _training_state()
+    net(torch.zeros(1, 3, 16, 16), torch.zeros(1)).sum().backward()
+    opt.step()
+    state.step, state.losses = 1, [0.5]
+    save_checkpoint(path, RUN, net, None, opt, gen, state)
+    return dict(artifacts.load(path, "checkpoint").tensors), CheckpointMeta(identity=RUN, step=1)
+
+
+def read_checkpoint(path: Path):
+    net, opt, gen, state = _training_state()
+    restore_checkpoint(path, RUN, net, None, opt, gen, state, torch.device("cpu"))  # the stage's own loader
+    assert state.step == 1 and state.losses == [0.5]
+    return dict(artifacts.load(path, "checkpoint").tensors), None
+
+
+def foreign_checkpoint(path: Path, folder: Path) -> None:
+    """A checkpoint of another run (other data): refused naming both runs' options."""
+    net, opt, gen, state = _training_state()
+    restore_checkpoint(path, {**RUN, "data": str(folder)}, net, None, opt, gen, state, torch.device("cpu"))
+
+
 CASES = [
     Case("model", write_model, read_model, foreign_model),
     Case("features", write_features, read_features, foreign_features),
     Case("head", write_head, read_head, foreign_head),
     Case("fid-stats", write_stats, read_stats, foreign_stats),
+    Case("checkpoint", write_checkpoint, read_checkpoint, foreign_checkpoint),
 ]
 by_kind = pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
 

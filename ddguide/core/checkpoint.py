@@ -30,6 +30,7 @@ class RunState:
     losses: list[float] = field(default_factory=list)
 
 
+@artifacts.typed_config("checkpoint")
 @dataclass(frozen=True)
 class CheckpointMeta:
     """The config of a ``checkpoint`` artifact: the run's identity (the options it must be resumed with) and the
@@ -68,8 +69,7 @@ def save_checkpoint(path: Path, identity: dict[str, Any], net: torch.nn.Module, 
     tensors["rng"] = gen.get_state()
     tensors.update({f"rng.{r}": rng for r, rng in enumerate(other_rngs, start=1)})
     tensors["losses"] = torch.tensor(state.losses, dtype=torch.float32)
-    meta = CheckpointMeta(identity=identity, step=state.step)
-    artifacts.save(path, tensors, kind="checkpoint", config=meta.to_metadata(), fingerprint="")
+    artifacts.save(path, tensors, config=CheckpointMeta(identity=identity, step=state.step), fingerprint="")
 
 
 def restore_checkpoint(path: Path, identity: dict[str, Any], net: torch.nn.Module, ema: Ema | None,
@@ -83,8 +83,9 @@ def restore_checkpoint(path: Path, identity: dict[str, Any], net: torch.nn.Modul
     art = artifacts.load(path, "checkpoint")
     meta = CheckpointMeta.from_metadata(art.config, path)
     if meta.identity != identity:
-        raise UserError(f"{path}: a checkpoint of a different training run "
-                        f"({json.dumps(meta.identity)}); delete it or choose another --out")
+        raise UserError(f"{path}: a checkpoint of a different training run (its options "
+                        f"{json.dumps(meta.identity)}, this run's {json.dumps(identity)}); delete it or choose "
+                        "another --out")
     _check_tensors(art, meta, net, ema or {})
     t = art.tensors
     net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
