@@ -224,16 +224,31 @@ def train_head(
     val_fraction: Annotated[float, typer.Option(help="Held-out share for the metric and calibration.")] = 0.2,
     blocks: Annotated[Optional[list[str]], typer.Option(metavar="BLOCK ...", help="Use only these of the extracted blocks.")] = None,
     timesteps: Annotated[Optional[list[int]], typer.Option(metavar="T ...", help="Use only these extracted timesteps.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the split, initialisation and batches.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split, initialisation, batches and augmentation.")] = 0,
+    augment: Annotated[str, typer.Option(help=(
+        "none, or x0: also train on the taps of x0_hat(x_t) of the labelled images at t ~ U{0..T/2} (what a "
+        "head reads while it guides; it keeps guidance from fooling the head, README \"Heads guidance cannot "
+        "fool\"). Classifier and segmentation heads; validation stays on clean images, plus val_accuracy_x0."))]
+        = "none",
+    augment_fraction: Annotated[float, typer.Option(help="Share of each batch that --augment x0 replaces.")] = 0.5,
+    model: Annotated[Optional[Path], typer.Option(help=(
+        "The model the features came from, which --augment x0 runs (default: the shipped model); refused "
+        "unless it is the features' model."))] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Train a head on denoiser features (or on pixels, --kind pixel)."""
     from ddguide.method.heads import load_head
     from ddguide.stages.train_head import TrainHeadConfig, chance_warning
     from ddguide.stages.train_head import train_head as run
 
+    if augment != "none":  # only the augmentation runs the model
+        precision = _precision(precision, device)
     cfg = TrainHeadConfig(features=str(features), out=str(out), kind=kind, steps=steps, batch=batch, lr=lr,
                           val_fraction=val_fraction, seed=seed, blocks=tuple(blocks) if blocks else None,
-                          timesteps=tuple(timesteps) if timesteps else None)
+                          timesteps=tuple(timesteps) if timesteps else None, augment=augment,
+                          augment_fraction=augment_fraction, model=str(model) if model else None, device=device,
+                          precision=precision)
     with progress_bar("training head") as bar:
         path = run(cfg, progress=bar.update)
     head = load_head(path)

@@ -37,6 +37,7 @@ RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "label_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "mixup_cutmix": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "augment_fraction": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "milestones": ("two epochs A B with 0 <= A <= B", lambda v: 0 <= v[0] <= v[1]),
     "guide_window": ("HI LO with HI >= LO >= 0 (schedule indices)", lambda v: v[0] >= v[1] >= 0),
     "resample_window": ("HI LO with HI >= LO >= 0 (schedule indices)", lambda v: v[0] >= v[1] >= 0),
@@ -61,6 +62,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "search": ("best-of-n", "zero-order"),
     "noise": ("none", "fixed"),
     "storage": ("fp32", "fp16"),
+    "augment": ("none", "x0"),
 }
 
 
@@ -87,7 +89,8 @@ def check_options(values: dict[str, Any], flags: dict[str, str] | None = None) -
         if any(not math.isfinite(v) for v in _floats(value)):
             raise UserError(f"{flag} must be a finite number, got {value}")
         if name in CHOICES and isinstance(value, str) and value not in CHOICES[name]:
-            what = {"resize": "resize policy", "noise": "noise mode", "guide_grad": "gradient mode"}.get(name, name)
+            what = {"resize": "resize policy", "noise": "noise mode", "guide_grad": "gradient mode",
+                    "augment": "augmentation"}.get(name, name)
             raise UserError(f"{flag}: unknown {what} {value!r} (choose from {', '.join(CHOICES[name])})")
         if name not in RANGES or not _numeric(value):
             continue

@@ -8,6 +8,7 @@ their artifact are :mod:`ddguide.method.heads`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -16,8 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddguide.core import artifacts
+from ddguide.core.diffusion import eps_to_x0, q_sample
 from ddguide.core.errors import UserError
-from ddguide.method.features import Features, FeatureSpec, load_features
+from ddguide.core.model import Model, default_model_path, denoiser, load_model
+from ddguide.core.runtime import autocast, resolve_device, resolve_precision
+from ddguide.method.features import Features, FeatureSpec, compute, load_features
 from ddguide.method.heads import KINDS, PIXELS, Head, HeadConfig, gather, save_head
 from ddguide.metrics.miou import miou
 
@@ -37,7 +42,17 @@ class TrainHeadConfig:
     seed: int = 0
     blocks: tuple[str, ...] | None = None  # a subset of the extracted taps (default: all)
     timesteps: tuple[int, ...] | None = None
+    augment: str = "none"  # none, or x0: train also on the taps of x0_hat(x_t) (the inputs guidance feeds a head)
+    augment_fraction: float = 0.5  # the share of each batch replaced by x0_hat images
+    model: str | None = None  # the features' model, which --augment x0 runs (default: the shipped model)
+    device: str = "cpu"  # where that model runs; the head trains on the CPU
+    precision: str = "fp32"  # of that model's passes
 
+
+AUGMENTS = ("none", "x0")
+AUGMENT_FIELDS = ("augment", "augment_fraction", "model", "device", "precision")  # not recorded without --augment
+AUGMENT_T_MAX = 0.5  # t ~ U{0..0.5 T}: beyond it x0_hat of the shipped model loses the attribute (README)
+X0_EVAL_FRACTIONS = (0.25, 0.5, 0.75)  # val_accuracy_x0: x0_hat of the held-out images at these fractions of T
 
 DEFAULT_STEPS = {"classifier": 500, "segmentation": 400, "rejection": 300, "pixel": 500}
 
@@ -111,7 +126,14 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
         raise UserError(f"unknown head kind {cfg.kind!r} (choose from {', '.join(KINDS)})")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError("--val-fraction must be in [0, 1)")
+    if cfg.augment not in AUGMENTS:
+        raise UserError(f"--augment: unknown augmentation {cfg.augment!r} (choose from {', '.join(AUGMENTS)})")
+    if not 0 <= cfg.augment_fraction <= 1:
+        raise UserError(f"--augment-fraction must be in [0, 1], got {cfg.augment_fraction}")
+    if cfg.augment != "none" and cfg.kind not in ("classifier", "segmentation"):
+        raise UserError(f"--augment {cfg.augment} is for classifier and segmentation heads, not --kind {cfg.kind}")
     feats = load_features(cfg.features)
+    model = features_model(cfg, feats) if cfg.augment != "none" or cfg.model else None
     y, classes = _targets(feats, cfg.kind)
     normalize = cfg.kind == "rejection"
     x, spec = _inputs(feats, cfg, normalize)
@@ -122,7 +144,7 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
     head_cfg = HeadConfig(kind=cfg.kind, classes=classes, spec=spec.to_dict() if spec else None,
                           in_channels=in_channels, image_size=feats.meta.image_size, normalize=normalize,
                           dense=dense,
-                          label=feats.meta.label, train=asdict(cfg))
+                          label=feats.meta.label, train=_train_record(cfg, model))
     with torch.random.fork_rng(devices=[]):  # the initialisation is seeded without touching the caller's generator
         torch.manual_seed(cfg.seed)
         head = Head(head_cfg, PIXELS if spec is None else feats.fingerprint)
@@ -136,15 +158,142 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
     steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS[cfg.kind]
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
-    fit(head.net, batch_inputs, y, train_idx, steps=steps, batch=cfg.batch, lr=cfg.lr,
+    train_inputs = batch_inputs
+    if cfg.augment == "x0":
+        assert model is not None and spec is not None
+        train_inputs = x0_augmented(batch_inputs, model, feats, spec, fraction=cfg.augment_fraction,
+                                    normalize=normalize, precision=_precision(cfg, model), seed=cfg.seed)
+    fit(head.net, train_inputs, y, train_idx, steps=steps, batch=cfg.batch, lr=cfg.lr,
         weight_decay=cfg.weight_decay, seed=cfg.seed, progress=progress)
 
-    # 2. held-out metric and temperature
+    # 2. held-out metric and temperature (on clean images; with --augment, also on x0_hat of them)
     head.eval()
     temperature, metrics = _held_out(head.net, batch_inputs, y, val_idx, len(classes))
+    if cfg.augment == "x0" and len(val_idx):
+        assert model is not None
+        metrics.update(x0_metrics(head, model, feats, _precision(cfg, model)))
     metrics.update({"train_images": len(train_idx), "val_images": len(val_idx)})
     head.cfg = replace(head.cfg, temperature=temperature, metrics=metrics)
     return save_head(cfg.out, head)
+
+
+# ------------------------------------------------------------------------------- x0_hat augmentation
+#
+# While a head guides (Eq. 13) it reads the taps of x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+# clamped to [-1, 1]; at high noise these are blurred means that look unlike any clean image, and a head trained
+# on clean images alone can be driven to p = 1 on them while the image lacks the attribute. --augment x0 trains
+# on those inputs too: a share of each batch is replaced by the taps of x0_hat of the same labelled images at a
+# t drawn uniformly from 0..T/2 (:func:`augment_t_max`), with the same labels.
+
+
+def features_model(cfg: TrainHeadConfig, feats: Features) -> Model:
+    """The model ``--model`` names (default: the shipped one), refused unless the features came from it."""
+    path = cfg.model or default_model_path()
+    model = load_model(path, resolve_device(cfg.device))
+    artifacts.check_fingerprint(feats.fingerprint, model.fingerprint, consumer=feats.path,
+                                source=str(cfg.model) if cfg.model else "the shipped model")
+    return model
+
+
+def _precision(cfg: TrainHeadConfig, model: Model) -> str:
+    return resolve_precision(cfg.precision, model.device)
+
+
+def _train_record(cfg: TrainHeadConfig, model: Model | None) -> dict:
+    """The training settings a head records. Without augmentation they are the fields heads have always
+    recorded (so such a head's file is what it was before --augment existed); with it, also the augmentation,
+    its share, the precision of the model's passes and the range of t."""
+    record = {k: v for k, v in asdict(cfg).items() if k not in AUGMENT_FIELDS}
+    if cfg.augment != "none":
+        assert model is not None
+        record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction,
+                      augment_t=[0, augment_t_max(model)], precision=_precision(cfg, model))
+    return record
+
+
+def augment_t_max(model: Model) -> int:
+    """The largest t --augment x0 draws: AUGMENT_T_MAX of the model's steps. On the shipped model the oracle
+    still finds the labelled attribute in x0_hat of 93 % of 100 labelled images at t = 0.5 T, 62 % at 0.8 T
+    (chance): later t would teach the head labels its input no longer shows."""
+    return int(AUGMENT_T_MAX * model.diffusion.steps)
+
+
+def _derived_seed(seed: int, purpose: str) -> int:
+    """A seed for one purpose (augmentation draws, evaluation noise) that follows ``seed`` but not the
+    stream the batches draw from it."""
+    return int.from_bytes(hashlib.sha256(f"ddguide.{purpose}.{seed}".encode()).digest()[:8], "little") >> 1
+
+
+def _pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] on ``device``."""
+    return (images.permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
+
+
+@torch.no_grad()
+def x0_hat(model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, precision: str) -> torch.Tensor:
+    """What guidance feeds a head at step t for an image whose clean version is ``x0``: x_t = q_sample(x0, t,
+    noise), one denoiser pass for eps, x0_hat by Eq. 11 clamped to [-1, 1]."""
+    x_t = q_sample(x0, t, noise, model.abar)
+    eps = denoiser(model, precision=precision)(x_t, t).eps
+    return eps_to_x0(x_t, t, eps, model.abar).clamp(-1, 1)
+
+
+@torch.no_grad()
+def x0_hat_inputs(model: Model, feats: Features, spec: FeatureSpec, idx: torch.Tensor, t: torch.Tensor,
+                  noise: torch.Tensor, *, normalize: bool, precision: str) -> torch.Tensor:
+    """The head's input (gathered taps, on the CPU) for x0_hat of the images ``idx`` of ``feats``."""
+    device = model.device
+    images = x0_hat(model, _pixels(feats.images[idx], device), t.to(device), noise.to(device), precision)
+    with autocast(device, precision):
+        taps = compute(model, images, spec, idx.tolist())  # fixed T_f noise (if any) follows the image index
+    return gather({k: v.float().cpu() for k, v in taps.items()}, spec.keys(), normalize)
+
+
+def x0_augmented(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Model, feats: Features,
+                 spec: FeatureSpec, *, fraction: float, normalize: bool, precision: str,
+                 seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``batch_inputs`` with ``round(fraction * batch)`` of each batch's images (drawn anew every batch)
+    replaced by the inputs of their x0_hat at t ~ U{0..augment_t_max}; every draw from one generator of ``seed``."""
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "augment"))
+    size, t_max = feats.meta.image_size, augment_t_max(model)
+
+    def inputs(idx: torch.Tensor) -> torch.Tensor:
+        x = batch_inputs(idx).clone()
+        k = int(round(fraction * len(idx)))
+        if k == 0:
+            return x
+        pick = torch.randperm(len(idx), generator=gen)[:k]
+        t = torch.randint(0, t_max + 1, (k,), generator=gen)
+        noise = torch.randn((k, 3, size, size), generator=gen)
+        x[pick] = x0_hat_inputs(model, feats, spec, idx[pick], t, noise, normalize=normalize, precision=precision)
+        return x
+
+    return inputs
+
+
+@torch.no_grad()
+def x0_metrics(head: Head, model: Model, feats: Features, precision: str = "fp32") -> dict[str, float]:
+    """``val_accuracy_x0`` (``val_miou_x0`` for masks): the held-out score of ``head`` on x0_hat of its
+    held-out images (the split its training config names) at t = 0.25, 0.5 and 0.75 of T, averaged; the
+    noise is fixed by the head's seed, so heads of one seed are scored on the same inputs. {} without a split."""
+    train = head.cfg.train
+    y, classes = _targets(feats, head.cfg.kind)
+    _, val_idx = _split(len(y), float(train.get("val_fraction", 0.2)), int(train.get("seed", 0)))
+    if not len(val_idx) or head.spec is None:
+        return {}
+    gen = torch.Generator().manual_seed(_derived_seed(int(train.get("seed", 0)), "x0-eval"))
+    noise = torch.randn((len(val_idx), 3, feats.meta.image_size, feats.meta.image_size), generator=gen)
+    scores = []
+    for fraction in X0_EVAL_FRACTIONS:
+        t = torch.full((len(val_idx),), int(fraction * model.diffusion.steps))
+        logits = torch.cat([head.net(x0_hat_inputs(model, feats, head.spec, val_idx[i:i + 64], t[i:i + 64],
+                                                   noise[i:i + 64], normalize=head.cfg.normalize,
+                                                   precision=precision))
+                            for i in range(0, len(val_idx), 64)])
+        target = y[val_idx]
+        scores.append(miou(logits.argmax(1), target, len(classes)) if target.ndim == 3 else
+                      float((logits.argmax(1) == target).float().mean()))
+    return {("val_miou_x0" if y.ndim == 3 else "val_accuracy_x0"): sum(scores) / len(scores)}
 
 
 @torch.no_grad()
