@@ -8,24 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ddguide.cli import (
-    ModelOpt,
-    app,
-    console,
-    handle_errors,
-    out_console,
-    progress_bar,
-    report,
-)
+from ddguide.cli import ModelOpt, app, console, handle_errors, out_console, progress_bar, report
 from ddguide.cli.args import ListCommand
-from ddguide.cli.options import (
-    BatchOpt,
-    CasSeedOpt,
-    DeviceOpt,
-    LrOpt,
-    PrecisionOpt,
-    ThreadsOpt,
-)
+from ddguide.cli.options import BatchOpt, CasSeedOpt, DeviceOpt, LrOpt, PrecisionOpt, ThreadsOpt
 
 # --- fid ---
 

@@ -23,12 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ddguide.core import artifacts
-from ddguide.core.checkpoint import (
-    RunState,
-    checkpoint_path,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from ddguide.core.checkpoint import RunState, checkpoint_path, restore_checkpoint, save_checkpoint
 from ddguide.core.data import labelled_images, load_images, open_image, to_tensor
 from ddguide.core.errors import UserError
 from ddguide.core.runtime import autocast
