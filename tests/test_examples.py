@@ -26,6 +26,7 @@ OUTPUTS = {
                                 "guided/index.csv"],
     "ci-pipeline.sh": ["json/data.json", "json/extract.json", "json/head.json", "json/sample.json",
                        "guided/index.csv"],
+    "plugin-guide.sh": ["plugin_guide.py", "plain/index.csv", "red/index.csv", "red/grid.png"],
 }
 
 

@@ -47,7 +47,10 @@ def sample(
     cfg_scale: Annotated[Optional[float], typer.Option(
         "--cfg", help="Classifier-free guidance weight w: eps = (1+w) eps(x,c) - w eps(x,null).")] = None,
     guide: Annotated[Optional[list[str]], typer.Option(
-        metavar="HEAD[:w[:target]] ...", help="Heads to guide with; several multiply as a product of experts.")] = None,
+        metavar="HEAD[:w[:target]] ...", help=(
+            "Heads to guide with; several multiply as a product of experts. A plug-in guide is Python code: "
+            "module:function[:w] or file.py:function[:w], a differentiable log_p(x0_hat) of (N, C, H, W) in "
+            "[-1, 1] -> (N,) (README \"Python API\")."))] = None,
     target: Annotated[Optional[str], typer.Option(help=(
         "Class the classifier heads should see. Default for a two-class head: its positive class 1 (also "
         "spelt by the head's label, e.g. has_circle); 0 selects the other. HEAD:w:target sets it per head."))]
@@ -63,6 +66,9 @@ def sample(
         help="full: differentiate through the denoiser (paper); x0: hold eps constant (cheaper).")] = "full",
     guide_window: Annotated[Optional[tuple[int, int]], typer.Option(
         help="Guide only while LO <= t <= HI (schedule indices), given as HI LO.")] = None,
+    normalize_grad: Annotated[bool, typer.Option(
+        "--normalize-grad", help="Rescale each image's guidance gradient to unit RMS before --lambda scales it "
+                                 "(lambda becomes a step size, whatever the guides' scale).")] = False,
     guide_model: Annotated[Optional[Path], typer.Option(
         help="The model whose features the heads read, when it is not --model (e.g. the unconditional model a "
              "class-conditional --model was fine-tuned from).")] = None,
@@ -115,7 +121,7 @@ def sample(
         reject=RejectSpec(str(reject), threshold, str(reject_model) if reject_model else None) if reject else None,
         guide_every=guide_every, particles=particles, smc=smc, potential=potential, potential_scale=potential_scale,
         resample_every=resample_every, resample_window=resample_window, search=search, candidates=candidates,
-        rounds=rounds, search_step=search_step, verifier=list(verifier or []))
+        rounds=rounds, search_step=search_step, verifier=list(verifier or []), normalize_grad=normalize_grad)
     cfg.validate()
     with progress_bar("accepted" if reject else "sampling") as bar:
         result = run_sample(cfg, progress=bar.update)

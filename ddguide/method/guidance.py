@@ -23,6 +23,7 @@ from ddguide.core.runtime import autocast
 from ddguide.core.sampling import Denoiser, Prediction, as_prediction
 from ddguide.method.features import FeatureSpec, compute
 from ddguide.method.heads import Head
+from ddguide.method.plugins import PluginGuide
 
 
 def conditional(base: LabelledDenoiser, labels: torch.Tensor) -> Denoiser:
@@ -66,7 +67,7 @@ def _union_specs(guides: Sequence[Guide]) -> list[FeatureSpec]:
     """One spec per (noise, seed) with the union of blocks and timesteps: shared taps are computed once."""
     merged: dict[tuple[str, int], tuple[list[str], list[int]]] = {}
     for g in guides:
-        if g.head.spec is None:
+        if isinstance(g, PluginGuide) or g.head.spec is None:
             continue
         blocks, times = merged.setdefault((g.head.spec.noise, g.head.spec.seed), ([], []))
         blocks += [b for b in g.head.spec.blocks if b not in blocks]
@@ -74,12 +75,12 @@ def _union_specs(guides: Sequence[Guide]) -> list[FeatureSpec]:
     return [FeatureSpec(tuple(b), tuple(t), noise, seed) for (noise, seed), (b, t) in merged.items()]
 
 
-def log_likelihood(model: Model, guides: Sequence[Guide], x0: torch.Tensor, indices: Sequence[int],
+def log_likelihood(model: Model, guides: Sequence[Guide | PluginGuide], x0: torch.Tensor, indices: Sequence[int],
                    precision: str = "fp32") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sum over guides of ``weight * log p(y | features(x0))`` per image, and each guide's p(y).
 
     For masks the log-likelihood is the sum over pixels of per-pixel log-probabilities (the scale on which the
-    paper's lambda = 2e-4 is stated)."""
+    paper's lambda = 2e-4 is stated). A plug-in guide gives its own log p(x0) and, in place of p(y), that value."""
     taps: dict[str, torch.Tensor] = {}
     with autocast(x0.device, precision):
         for spec in _union_specs(guides):
@@ -88,6 +89,11 @@ def log_likelihood(model: Model, guides: Sequence[Guide], x0: torch.Tensor, indi
     total = torch.zeros(len(x0), device=x0.device)
     probs = []
     for g in guides:
+        if isinstance(g, PluginGuide):
+            per_image = g.log_p(x0, indices)
+            probs.append(per_image.detach())
+            total = total + g.weight * per_image
+            continue
         logits = g.head(x0 if g.head.reads_pixels else g.head.inputs(taps)).float()  # raw: temperature 1
         logp = F.log_softmax(logits, dim=1)
         if isinstance(g.target, torch.Tensor):  # (H, W) or per-image (N, H, W) masks
@@ -118,9 +124,10 @@ def head_input(x0: torch.Tensor, clamp: str = "pass") -> torch.Tensor:
     return x0 + (x0.clamp(-1, 1) - x0).detach()
 
 
-def head_guidance(inner: Denoiser, model: Model, guides: Sequence[Guide], lam: float, indices: Sequence[int], *,
-                  grad: str = "full", window: tuple[int, int] | None = None, precision: str = "fp32",
-                  clamp: str = "pass", only: set[int] | None = None) -> Denoiser:
+def head_guidance(inner: Denoiser, model: Model, guides: Sequence[Guide | PluginGuide], lam: float,
+                  indices: Sequence[int], *, grad: str = "full", window: tuple[int, int] | None = None,
+                  precision: str = "fp32", clamp: str = "pass", only: set[int] | None = None,
+                  normalize: bool = False) -> Denoiser:
     """Eq. 13 around ``inner``: ``eps_hat = eps - lambda * sqrt(1 - abar_t) * grad_{x_t} log p(y | features(x0_hat))``.
 
     ``inner`` is any denoiser (the plain model, CFG); ``model`` gives the schedule and the feature taps the heads
@@ -128,7 +135,9 @@ def head_guidance(inner: Denoiser, model: Model, guides: Sequence[Guide], lam: f
     treats eps as constant, so ``d x0_hat / d x_t = 1 / sqrt(abar_t)`` and only the truncated feature pass is
     differentiated. ``window=(hi, lo)`` guides only while ``lo <= t <= hi``. Both modes treat the clamp of x0_hat
     the same way (:func:`head_input`). ``only`` (a set of timesteps) guides at those steps alone (``--guide-every``).
-    With ``lam = 0`` (or outside the window) it is ``inner`` itself.
+    ``normalize`` rescales each image's gradient ``grad_{x_t} log p`` to unit RMS over its pixels before lambda
+    scales it (``--normalize-grad``), so lambda is a step size whatever the guides' scale. With ``lam = 0`` (or
+    outside the window) it is ``inner`` itself.
     """
     if lam < 0:
         raise UserError(f"--lambda must be >= 0, got {lam}")
@@ -159,6 +168,8 @@ def head_guidance(inner: Denoiser, model: Model, guides: Sequence[Guide], lam: f
                 logp, _ = log_likelihood(model, guides, head_input(x0, clamp), indices, precision)
                 (g,) = torch.autograd.grad(logp.sum(), x0)
                 g = g / a.sqrt()  # chain rule with eps held constant
+        if normalize:
+            g = g / g.pow(2).mean(dim=tuple(range(1, g.ndim)), keepdim=True).sqrt().clamp(min=1e-12)
         return Prediction(eps.detach() - lam * (1 - a).sqrt() * g, None if var is None else var.detach())  # Eq. 13
 
     return denoise

@@ -3,9 +3,10 @@ with or without a rejection head — written as a samples folder (PNGs, index.cs
 
 One loop serves every mode. For each batch it builds the denoiser by composition (the base denoiser of the model,
 wrapped by CFG, wrapped by head guidance), runs the sampler, and asks the accept test (rejection) which images
-to keep. Image k is drawn with generator ``seed + k`` (see ``sampling.py``), so any batch size or split of the work
-gives the same images; with rejection, the batch schedule (which class each draw is for) follows the per-class
-quotas.
+to keep (:func:`batches`, which writes nothing: :func:`sample` writes what it yields, :func:`generate` returns
+it for the Python API). Image k is drawn with generator ``seed + k`` (see ``sampling.py``), so any batch size or
+split of the work gives the same images; with rejection, the batch schedule (which class each draw is for) follows
+the per-class quotas.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ddguide.method.particles import (
     particle_seed,
     sphere_neighbours,
 )
+from ddguide.method.plugins import PluginGuide, as_plugin, is_plugin_spec, load_plugin
 from ddguide.method.rejection import Rejector, check_threshold
 
 SAMPLERS = ("ddim", "ddpm")
@@ -78,7 +80,7 @@ class SampleConfig:
     device: str = "auto"
     precision: str = "fp32"
     start: int = 0  # first image index
-    guides: list[str] = field(default_factory=list)  # HEAD[:weight[:target]]
+    guides: list[Any] = field(default_factory=list)  # HEAD[:weight[:target]], module:function[:weight], callables
     target: str | None = None
     mask: str | None = None
     lam: float = 1.0
@@ -100,7 +102,8 @@ class SampleConfig:
     candidates: int = 4  # N
     rounds: int = 2  # zero-order rounds after the first N candidates
     search_step: float = 0.5
-    verifier: list[str] = field(default_factory=list)  # HEAD[:weight[:target]] (default: the guides)
+    verifier: list[Any] = field(default_factory=list)  # like guides (default: the guides)
+    normalize_grad: bool = False  # rescale each image's guidance gradient to unit RMS before lambda
 
     def validate(self) -> None:
         """Every option on its own and in combination, before any file is read."""
@@ -118,15 +121,16 @@ class SampleConfig:
         elif self.cfg_scale is not None and not self.classes:
             raise UserError("--cfg needs --class")
         if not self.guides:
-            if (self.target, self.mask, self.guide_window, self.guide_model) != (None,) * 4:
-                raise UserError("--target, --mask, --guide-window and --guide-model need at least one --guide HEAD")
+            if (self.target, self.mask, self.guide_window, self.guide_model) != (None,) * 4 or self.normalize_grad:
+                raise UserError("--target, --mask, --guide-window, --guide-model and --normalize-grad need at least "
+                                "one --guide HEAD")
             return
         if self.lam < 0:
             raise UserError(f"--lambda must be >= 0, got {self.lam}")
         if self.guide_grad not in GUIDE_GRADS:
             raise UserError(f"unknown --guide-grad {self.guide_grad!r} (full, x0)")
-        for text in self.guides:
-            parse_guide(text)
+        for spec in self.guides:
+            check_guide_spec(spec)
 
     def _validate_selection(self) -> None:
         """Particle and search options: counts, names, and a head to score with."""
@@ -146,8 +150,8 @@ class SampleConfig:
             raise UserError("--search and --particles need a head to score with: --guide HEAD or --verifier HEAD")
         if self.verifier and not (self.search or self.selecting):
             raise UserError("--verifier scores candidates or particles: give --search or --particles")
-        for text in self.verifier:
-            parse_guide(text)
+        for spec in self.verifier:
+            check_guide_spec(spec)
 
     @property
     def selecting(self) -> bool:
@@ -170,6 +174,7 @@ class SampleResult:
     kept: int  # images written
     total: int  # images drawn
     per_class: dict[str, tuple[int, int]] | None = None  # with rejection: class -> (accepted, drawn)
+    kept_images: Generated | None = None  # with keep=True: the written images in memory too
 
 
 # ------------------------------------------------------------------------------------------- the options
@@ -188,11 +193,22 @@ def parse_guide(text: str) -> tuple[str, float, str | None]:
     return path, weight, target or None
 
 
-def load_guides(cfg: SampleConfig, specs: Sequence[str] | None = None) -> list[Guide]:
+def check_guide_spec(spec: Any) -> None:
+    """A guide's spec on its own, before any file is read: a head's weight, or a plug-in's shape of spec."""
+    if not isinstance(spec, str):
+        as_plugin(spec)
+    elif not is_plugin_spec(spec):
+        parse_guide(spec)
+
+
+def load_guides(cfg: SampleConfig, specs: Sequence[Any] | None = None) -> list[Guide | PluginGuide]:
     """The heads of ``--guide`` (or ``specs``), each with its weight and target (a class, or the ``--mask`` of a
-    segmentation head)."""
-    experts = []
+    segmentation head), and the plug-in guides (``module:function`` specs, or callables from Python)."""
+    experts: list[Guide | PluginGuide] = []
     for text in cfg.guides if specs is None else specs:
+        if not isinstance(text, str) or is_plugin_spec(text):
+            experts.append(as_plugin(text) if not isinstance(text, str) else load_plugin(text))
+            continue
         path, weight, own_target = parse_guide(text)
         head = load_head(path)
         if head.cfg.dense:
@@ -214,7 +230,7 @@ def _mask_target(mask: str | None, head_path: str, size: int, classes: int) -> t
     return m.long()  # (H, W)
 
 
-def check_guides(guides: Sequence[Guide], model: Model, sampled: Model | None = None) -> None:
+def check_guides(guides: Sequence[Guide | PluginGuide], model: Model, sampled: Model | None = None) -> None:
     """Every head must read ``model``'s features at its size; ``sampled`` (when another model is sampled, e.g. a
     class-conditional one) must share its schedule and size, since the heads read its x0_hat."""
     if sampled is not None and sampled is not model:
@@ -222,6 +238,8 @@ def check_guides(guides: Sequence[Guide], model: Model, sampled: Model | None = 
             raise UserError(f"{model.source_path}: --guide-model must have the sampled model's diffusion schedule "
                             f"and image size ({sampled.image_size} px)")
     for g in guides:
+        if isinstance(g, PluginGuide):  # reads x0_hat itself, on the sampled model's device
+            continue
         lineage = model.info.get("finetuned_from")
         if not g.head.reads_pixels and g.head.fingerprint == lineage and g.head.fingerprint != model.fingerprint:
             raise UserError(f"{g.head.path}: reads the features of model {lineage}, which {model.source_path} was "
@@ -320,12 +338,12 @@ class Sampling:
 
     cfg: SampleConfig
     model: Model
-    guides: list[Guide]
+    guides: list[Guide | PluginGuide]
     features: Model  # the model whose features the heads read (``model`` unless --guide-model)
     ids: list[int] | None  # the chosen class ids (None: unconditional model)
     rejector: Rejector | None = None
     targets: dict[int, int] = field(default_factory=dict)  # class id -> rejection head's class index
-    verifiers: list[Guide] = field(default_factory=list)  # what scores particles and candidates (default: guides)
+    verifiers: list[Guide | PluginGuide] = field(default_factory=list)  # scores particles, candidates (default: guides)
     steps: list[int] = field(default_factory=list)  # the sampler's kept timesteps
 
     def denoiser_for(self, labels: torch.Tensor | None, indices: Sequence[int]) -> Denoiser:
@@ -341,7 +359,8 @@ class Sampling:
         if self.guides:
             guided = set(sorted(self.steps, reverse=True)[::cfg.guide_every]) if cfg.guide_every > 1 else None
             den = head_guidance(den, self.features, self.guides, cfg.lam, indices, grad=cfg.guide_grad,
-                                window=cfg.guide_window, precision=cfg.precision, only=guided)
+                                window=cfg.guide_window, precision=cfg.precision, only=guided,
+                                normalize=cfg.normalize_grad)
         return den
 
     # -- drawing a batch: plain, steered particles, or a search over noise ----------------------------------
@@ -420,7 +439,8 @@ class Sampling:
         """Index columns beyond file/index/seed: class, guidance, head probabilities."""
         cfg = self.cfg
         tags = ([f"cfg:{cfg.cfg_scale or 0}"] if labels is not None else []) + (
-            [f"heads:lambda={cfg.lam}:{cfg.guide_grad}"] if self.guides else [])
+            [f"heads:lambda={cfg.lam}:{cfg.guide_grad}" + (":unit" if cfg.normalize_grad else "")]
+            if self.guides else [])
         rows: list[dict[str, Any]] = [{} for _ in indices]
         if labels is not None:
             for row, c in zip(rows, labels):
@@ -431,9 +451,10 @@ class Sampling:
         if self.guides:
             with torch.no_grad():
                 _, probs = log_likelihood(self.features, self.guides, x, indices, cfg.precision)
+            names = [("guide_logp" if isinstance(g, PluginGuide) else "head_prob") + (f"_{k + 1}" if k else "")
+                     for k, g in enumerate(self.guides)]  # a plug-in reports its log p, a head its p(y)
             for i, row in enumerate(rows):
-                row["head_prob"] = round(float(probs[0][i]), 4)
-                row.update({f"head_prob_{k + 1}": round(float(p[i]), 4) for k, p in enumerate(probs[1:], start=1)})
+                row.update({name: round(float(p[i]), 4) for name, p in zip(names, probs)})
         return rows
 
     def accept(self, images: np.ndarray, labels: list[int] | None, indices: Sequence[int]) -> list[float] | None:
@@ -443,12 +464,15 @@ class Sampling:
         return self.rejector.probabilities(images, [self.targets[c] for c in labels], indices).tolist()
 
 
-def prepare(cfg: SampleConfig) -> Sampling:
-    """Read and cross-check every file the options name (heads, masks, models) before anything is written."""
+def prepare(cfg: SampleConfig, model: Model | None = None) -> Sampling:
+    """Read and cross-check every file the options name (heads, masks, models) before anything is written;
+    ``model`` (already loaded, from Python) is sampled in place of ``cfg.model``."""
     cfg.validate()
     guides = load_guides(cfg)
-    device = resolve_device(cfg.device)
-    model = load_model(cfg.model, device).requires_grad_(False)  # guidance needs input gradients only
+    device = model.device if model is not None and cfg.device == "auto" else resolve_device(cfg.device)
+    if model is None:
+        model = load_model(cfg.model, device)
+    model = model.to(device).requires_grad_(False)  # guidance needs input gradients only
     features = model
     if cfg.guide_model or _read_the_shipped_parent(guides, model):
         features = load_model(cfg.guide_model, device).requires_grad_(False)
@@ -469,13 +493,14 @@ def prepare(cfg: SampleConfig) -> Sampling:
     return sampling
 
 
-def _read_the_shipped_parent(guides: Sequence[Guide], model: Model) -> bool:
+def _read_the_shipped_parent(guides: Sequence[Guide | PluginGuide], model: Model) -> bool:
     """Whether the heads read the shipped model's features and ``model`` was fine-tuned from it: then the shipped
     model is the feature model without a --guide-model (any other parent has to be named)."""
     from ddguide.core import artifacts
     from ddguide.core.model import default_model_path
 
     parent = model.info.get("finetuned_from")
+    guides = [g for g in guides if isinstance(g, Guide)]  # plug-ins read no model's features
     if not parent or not guides or any(g.head.reads_pixels or g.head.fingerprint != parent for g in guides):
         return False
     return artifacts.read_metadata(default_model_path()).get("ddguide.fingerprint") == parent
@@ -540,50 +565,116 @@ class Quotas:
         return False
 
 
-def sample(cfg: SampleConfig, progress: Progress | None = None) -> SampleResult:
-    """Sample into ``cfg.out`` (PNGs, index.csv, grid.png); returns what was written."""
-    run = prepare(cfg)
-    steps = run.steps
-    rank, world = process_shard()
+@dataclass
+class Batch:
+    """One batch of the loop: the kept images (float in [-1, 1] and uint8 HWC) with their index rows, and how
+    many images were drawn for it."""
+
+    x: torch.Tensor
+    images: np.ndarray
+    rows: list[dict[str, Any]]
+    drawn: int
+
+
+def batches(run: Sampling, quotas: Quotas, rank: int = 0, world: int = 1,
+            progress: Progress | None = None) -> Iterator[Batch]:
+    """The loop of every mode, writing nothing: draw each batch the quotas ask for, check it, and keep what the
+    accept test takes. ``sample`` writes what it yields; ``generate`` returns it."""
+    cfg, steps, rejecting = run.cfg, run.steps, run.rejector is not None
+    total = (cfg.n * len(run.ids or [])) if rejecting else len(range(cfg.start, cfg.start + cfg.n)[rank::world])
+    drawn = 0
+    for indices, labels in quotas.batches(rank, world):
+        cb = None
+        if progress and not rejecting:
+            cb = lambda i, _k, d=drawn * len(steps), b=len(indices): progress(d + i * b, total * len(steps))  # noqa: E731
+        x, chosen_rows = run.draw_batch(indices, labels, cb)
+        check_finite_images(x, indices)
+        drawn += len(indices)
+        extra = [{**a, **b} for a, b in zip(run.rows(x, labels, indices), chosen_rows)]
+        images = to_uint8(x)
+        probs = run.accept(images, labels, indices)
+        kept, rows = [], []
+        for j, (k, more) in enumerate(zip(indices, extra)):
+            p = None if probs is None else probs[j]
+            if not quotas.keep(None if labels is None else labels[j], p):
+                continue
+            kept.append(j)
+            rows.append({"file": image_name(k), "index": k, "seed": cfg.seed + k, **more,
+                         **({} if p is None else {"reject_prob": round(p, 4)})})
+        yield Batch(x[kept], images[kept], rows, len(indices))
+        if progress and rejecting:
+            progress(sum(quotas.accepted.values()), total)
+
+
+def _quotas(run: Sampling, world: int) -> Quotas:
     rejecting = run.rejector is not None
     if rejecting and world > 1:
         raise UserError("--reject runs in one process (its draws depend on what was accepted); run it without "
                         "torchrun")
-    quotas = Quotas(cfg, run.ids, rejecting, name=lambda c: class_name(run.model, c))
-    total = (cfg.n * len(run.ids or [])) if rejecting else len(range(cfg.start, cfg.start + cfg.n)[rank::world])
+    return Quotas(run.cfg, run.ids, rejecting, name=lambda c: class_name(run.model, c))
+
+
+def _per_class(run: Sampling, quotas: Quotas) -> dict[str, tuple[int, int]] | None:
+    if run.rejector is None:
+        return None
+    return {str(class_name(run.model, c)): (quotas.accepted[c], quotas.seen[c]) for c in quotas.accepted}
+
+
+@dataclass
+class Generated:
+    """What ``generate`` returns: the kept images in order, float (N, C, H, W) in [-1, 1] on the CPU, and uint8
+    (N, H, W, C) as ``sample`` writes them, with the rows its index.csv would hold."""
+
+    x: torch.Tensor
+    images: np.ndarray
+    rows: list[dict[str, Any]]
+    total: int  # images drawn
+    per_class: dict[str, tuple[int, int]] | None = None
+
+
+def generate(cfg: SampleConfig, progress: Progress | None = None, model: Model | None = None) -> Generated:
+    """Sample in memory, every image in this process, writing no file (``cfg.out`` is not used)."""
+    run = prepare(cfg, model)
+    quotas = _quotas(run, 1)
+    return _gathered(run, quotas, list(batches(run, quotas, 0, 1, progress)))
+
+
+def _gathered(run: Sampling, quotas: Quotas, parts: list[Batch]) -> Generated:
+    size, channels = run.model.image_size, run.model.net.cfg.in_channels
+    x = torch.cat([b.x.cpu() for b in parts]) if parts else torch.zeros(0, channels, size, size)
+    images = np.concatenate([b.images for b in parts]) if parts else np.zeros((0, size, size, 3), np.uint8)
+    return Generated(x, images, [r for b in parts for r in b.rows], sum(b.drawn for b in parts),
+                     _per_class(run, quotas))
+
+
+def sample(cfg: SampleConfig, progress: Progress | None = None, *, model: Model | None = None,
+           keep: bool = False) -> SampleResult:
+    """Sample into ``cfg.out`` (PNGs, index.csv, grid.png); returns what was written (with ``keep``, also the
+    images in memory). ``model``: an already loaded model in place of ``cfg.model``."""
+    run = prepare(cfg, model)
+    rank, world = process_shard()
+    quotas = _quotas(run, world)
     rows: list[dict[str, Any]] = []
     shown: list[np.ndarray] = []
     drawn = 0
     # staged: the folder appears (or replaces an earlier samples folder) only once every image and the index are
     # written; torchrun shards write in place and the last one to finish joins the index
     with staged_folder(cfg.out, "samples", own=samples_folder, in_place=world > 1) as out:
-        for indices, labels in quotas.batches(rank, world):
-            cb = None
-            if progress and not rejecting:
-                cb = lambda i, _k, d=drawn * len(steps), b=len(indices): progress(d + i * b, total * len(steps))  # noqa: E731
-            x, chosen_rows = run.draw_batch(indices, labels, cb)
-            check_finite_images(x, indices)
-            drawn += len(indices)
-            extra = [{**a, **b} for a, b in zip(run.rows(x, labels, indices), chosen_rows)]
-            images = to_uint8(x)
-            probs = run.accept(images, labels, indices)
-            for j, (k, image, more) in enumerate(zip(indices, images, extra)):
-                p = None if probs is None else probs[j]
-                if not quotas.keep(None if labels is None else labels[j], p):
-                    continue
-                write_png(out / image_name(k), image)
-                rows.append({"file": image_name(k), "index": k, "seed": cfg.seed + k, **more,
-                             **({} if p is None else {"reject_prob": round(p, 4)})})
+        kept: list[Batch] = []
+        for batch in batches(run, quotas, rank, world, progress):
+            drawn += batch.drawn
+            if keep:
+                kept.append(batch)
+            for image, row in zip(batch.images, batch.rows):
+                write_png(out / row["file"], image)
+                rows.append(row)
                 if len(shown) < GRID_IMAGES:
                     shown.append(image)
-            if progress and rejecting:
-                progress(sum(quotas.accepted.values()), total)
         if world == 1:
             write_index(out, rows)
             write_grid(out / GRID, shown)
         else:
             write_index(out, rows, name=part_name(rank, world))
             merge_shards(out, world)
-    per_class = ({str(class_name(run.model, c)): (quotas.accepted[c], quotas.seen[c]) for c in quotas.accepted}
-                 if rejecting else None)
-    return SampleResult(Path(cfg.out), len(rows), drawn, per_class)
+    return SampleResult(Path(cfg.out), len(rows), drawn, _per_class(run, quotas),
+                        _gathered(run, quotas, kept) if keep else None)
