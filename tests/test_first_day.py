@@ -157,3 +157,12 @@ def test_cas_no_hflip_and_a_warning_for_milestones_beyond_the_epochs(data, tmp_p
     r = cli("cas", "--train", data / "images", "--test", data / "images", "--epochs", 1, "--hflip", "--out",
             tmp_path / "f.safetensors", "--device", "cpu")
     assert r.exit_code == 1 and "--no-hflip flipped" in r.output  # --hflip (the default) does flip
+
+
+def test_extract_refuses_labels_and_masks_together(tiny_model_path, tmp_path):
+    """An attribute table and masks make two kinds of head; before, the masks were silently dropped."""
+    data = shapes_data(tmp_path / "data")
+    r = cli("extract", data / "images", "--model", tiny_model_path, "--labels", data / "attributes.csv", "--label",
+            "has_red", "--masks", data / "masks", "--device", "cpu", "--out", tmp_path / "f.safetensors")
+    expect_user_error(r, "--masks")
+    assert not (tmp_path / "f.safetensors").exists()

@@ -55,6 +55,8 @@ def image_list_hash(files: Sequence[Path], root: str | Path) -> str:
 def _labels(cfg: ExtractConfig, files: list[Path], size: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Per-image targets: an attribute column, paired masks, or the class sub-folder."""
     root = Path(cfg.data)
+    if (cfg.labels or cfg.label) and cfg.masks:
+        raise UserError("--labels/--label and --masks make two kinds of head: extract once for each")
     if cfg.labels or cfg.label:
         if not (cfg.labels and cfg.label):
             raise UserError("--labels and --label go together (the file and the attribute column)")
