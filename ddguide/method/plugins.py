@@ -98,6 +98,17 @@ def is_plugin_spec(text: str) -> bool:
     return bool(_ATTR.match(rest.partition(":")[0]))
 
 
+def guide_weight(weight_text: str, spec: str, after: str) -> float:
+    """The weight of a ``--guide`` spec (1 when none is written): a finite number, else one line naming the spec."""
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise UserError(f"--guide {spec!r}: the weight after {after} must be a number") from None
+    if not math.isfinite(weight):
+        raise UserError(f"--guide {spec!r}: the weight after {after} must be a finite number")
+    return weight
+
+
 def load_plugin(text: str) -> PluginGuide:
     """``module:function[:weight]`` or ``path/file.py:function[:weight]`` -> the guide (the module is imported
     with the current folder on ``sys.path``, as a script run from it would see)."""
@@ -105,12 +116,7 @@ def load_plugin(text: str) -> PluginGuide:
     attr, _, weight_text = rest.partition(":")
     if not attr or ":" in weight_text:
         raise UserError(f"--guide {text!r}: a plug-in guide is module:function[:weight] or file.py:function[:weight]")
-    try:
-        weight = float(weight_text) if weight_text else 1.0
-    except ValueError:
-        raise UserError(f"--guide {text!r}: the weight after the function must be a number") from None
-    if not math.isfinite(weight):
-        raise UserError(f"--guide {text!r}: the weight after the function must be a finite number")
+    weight = guide_weight(weight_text, text, "the function")
     module = _import(source, text)
     obj: Any = module
     for part in attr.split("."):

@@ -46,7 +46,7 @@ from ddguide.method.particles import (
     particle_seed,
     sphere_neighbours,
 )
-from ddguide.method.plugins import PluginGuide, as_plugin, is_plugin_spec, load_plugin
+from ddguide.method.plugins import PluginGuide, as_plugin, guide_weight, is_plugin_spec, load_plugin
 from ddguide.method.rejection import Rejector, check_threshold
 
 SAMPLERS = ("ddim", "ddpm")
@@ -184,13 +184,7 @@ def parse_guide(text: str) -> tuple[str, float, str | None]:
     """``HEAD[:weight[:target]]`` -> (path, weight, target)."""
     path, _, rest = text.partition(":")
     weight_text, _, target = rest.partition(":")
-    try:
-        weight = float(weight_text) if weight_text else 1.0
-    except ValueError:
-        raise UserError(f"--guide {text!r}: the weight after ':' must be a number") from None
-    if not math.isfinite(weight):
-        raise UserError(f"--guide {text!r}: the weight after ':' must be a finite number")
-    return path, weight, target or None
+    return path, guide_weight(weight_text, text, "':'"), target or None
 
 
 def check_guide_spec(spec: Any) -> None:
@@ -372,9 +366,7 @@ class Sampling:
         if cfg.search:
             return self._search(indices, labels)
         k = cfg.particles if cfg.selecting else 1
-        chains = [i for i in indices for _ in range(k)]
-        den = self.denoiser_for(None if labels is None else torch.tensor([c for c in labels for _ in range(k)]),
-                                chains)
+        chains, den = self._chains(indices, labels, k)
         if not cfg.selecting:
             return self._draw(den, chains, None, callback), [{} for _ in indices]
         steering = Steering(SteeringConfig(k, cfg.potential, cfg.potential_scale, cfg.resample_every,
@@ -385,6 +377,12 @@ class Sampling:
         chosen = steering.chosen()
         picked = torch.stack([x[b * k + int(chosen[b])] for b in range(len(indices))])
         return picked, [steering.summary(b) for b in range(len(indices))]
+
+    def _chains(self, indices: list[int], labels: list[int] | None, k: int) -> tuple[list[int], Denoiser]:
+        """Image indices of k chains per image (image-major) and the denoiser composed for them."""
+        chains = [i for i in indices for _ in range(k)]
+        repeated = None if labels is None else torch.tensor([c for c in labels for _ in range(k)])
+        return chains, self.denoiser_for(repeated, chains)
 
     def _draw(self, den: Denoiser, chains: list[int], generators: list[torch.Generator] | None,
               callback: Callable[[int, int], None] | None = None, after_step: StepHook | None = None,
@@ -402,15 +400,15 @@ class Sampling:
     def _search(self, indices: list[int], labels: list[int] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """Best of N candidates per image, then (zero-order) rounds of N neighbours of the best starting noise."""
         cfg, n, b = self.cfg, self.cfg.candidates, len(indices)
-        chains = [i for i in indices for _ in range(n)]
-        den = self.denoiser_for(None if labels is None else torch.tensor([c for c in labels for _ in range(n)]),
-                                chains)
+        chains, den = self._chains(indices, labels, n)
         gens = particle_generators(cfg.seed, indices, n)
         size = self.model.image_size
         noise = per_image_randn((self.model.net.cfg.in_channels, size, size), gens, self.model.device)
         rounds = cfg.rounds if cfg.search == "zero-order" else 0
-        best_x = best_z = best_score = None
+        best_x = best_z = None
+        best_score = torch.full((b,), -math.inf, dtype=torch.float64)
         chosen = [""] * b
+        image = torch.arange(b)
         for rnd in range(rounds + 1):
             if rnd:  # neighbours of each image's best noise so far
                 noise = torch.cat([sphere_neighbours(best_z[j:j + 1], cfg.search_step,  # type: ignore[index]
@@ -421,15 +419,14 @@ class Sampling:
             score = self.reward(x.clamp(-1, 1), chains).view(b, n).double().cpu()
             score = torch.nan_to_num(score, nan=-math.inf)
             top = score.argmax(dim=1)
-            for j in range(b):
-                s_j, row = score[j, top[j]], j * n + int(top[j])
-                if best_score is None or s_j > best_score[j]:
-                    if best_x is None:
-                        best_x, best_z = x[[row]].repeat(b, 1, 1, 1), noise[[row]].repeat(b, 1, 1, 1)
-                        best_score = torch.full((b,), -math.inf, dtype=torch.float64)
-                    best_x[j], best_z[j], best_score[j] = x[row], noise[row], s_j
-                    chosen[j] = f"{rnd}:{int(top[j])}"
-        if best_score is None or not bool(torch.isfinite(best_score).all()):
+            rows, top_score = image * n + top, score[image, top]
+            better = top_score > best_score
+            if best_x is None:
+                best_x, best_z = x[rows].clone(), noise[rows].clone()
+            best_x[better], best_z[better] = x[rows][better], noise[rows][better]
+            best_score = torch.where(better, top_score, best_score)
+            chosen = [f"{rnd}:{int(top[j])}" if better[j] else chosen[j] for j in range(b)]
+        if not bool(torch.isfinite(best_score).all()):
             raise UserError("the verifier gave no candidate a finite score (NaN or -inf log-probabilities)")
         extra = [{"candidates": n * (rounds + 1), "chosen": chosen[j], "verifier_logp": round(float(best_score[j]), 4)}
                  for j in range(b)]
