@@ -95,12 +95,13 @@ def test_separable_classes_are_learned(sets, tmp_path):
     assert "top-1" in r.output and "class red" in r.output
     report = artifacts.load(out, "report")
     assert report.config["metrics"]["top1"] >= 0.9 and report.config["classes"] == ["blue", "red"]
+    assert not (tmp_path / "report.ckpt.safetensors").exists()  # removed once the report is written
     assert report.tensors["per_class_accuracy"].shape == (2,) and report.tensors["epoch_loss"].shape == (3,)
 
 
 def test_resume_after_a_kill_gives_the_same_classifier(sets, tmp_path):
     train, test = sets
-    whole = cas(config([train], test, tmp_path / "a.safetensors", mixup_cutmix=0.5))
+    whole = cas(config([train], test, tmp_path / "a.safetensors", mixup_cutmix=0.5, keep_checkpoint=True))
 
     def kill_in_epoch_2(done, total, info):
         if info.startswith("epoch 2"):
@@ -110,7 +111,7 @@ def test_resume_after_a_kill_gives_the_same_classifier(sets, tmp_path):
         cas(config([train], test, tmp_path / "b.safetensors", mixup_cutmix=0.5), progress=kill_in_epoch_2)
     assert artifacts.load(tmp_path / "b.ckpt.safetensors", "checkpoint").config["step"] == 1
     seen = []
-    resumed = cas(config([train], test, tmp_path / "b.safetensors", mixup_cutmix=0.5),
+    resumed = cas(config([train], test, tmp_path / "b.safetensors", mixup_cutmix=0.5, keep_checkpoint=True),
                   progress=lambda d, t, info: seen.append(info))
     assert not any(info.startswith("epoch 1") for info in seen)
     assert resumed.epoch_losses[1] == whole.epoch_losses[1] and resumed.per_class == whole.per_class

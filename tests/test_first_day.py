@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import cli, expect_ok, expect_user_error, shapes_data
 
@@ -19,8 +20,9 @@ def data(tmp_path_factory):
 # ------------------------------------------------------------------------- --threads, --device, --precision
 
 
-# (sample and train-head are another change's; cas keeps its fp32 default, which its reported accuracies use)
-@pytest.mark.parametrize("command", ["extract", "filter", "fid", "demo", "train", "finetune", "cas"])
+# (cas keeps its fp32 default, which its reported accuracies use)
+@pytest.mark.parametrize("command", ["sample", "extract", "train-head", "filter", "fid", "demo", "train", "finetune",
+                                     "cas"])
 def test_every_computing_command_takes_threads_device_and_precision(command):
     from typer.main import get_command
 
@@ -36,6 +38,8 @@ def test_every_computing_command_takes_threads_device_and_precision(command):
     ["filter", "x", "--head", "h.safetensors", "--out", "kept"],
     ["fid", "a", "b"],
     ["demo", "--out", "d"],
+    ["sample", "--out", "s"],
+    ["train-head", "f.safetensors", "--out", "h.safetensors"],
 ])
 def test_threads_zero_is_refused_before_anything_runs(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -166,3 +170,100 @@ def test_extract_refuses_labels_and_masks_together(tiny_model_path, tmp_path):
             "has_red", "--masks", data / "masks", "--device", "cpu", "--out", tmp_path / "f.safetensors")
     expect_user_error(r, "--masks")
     assert not (tmp_path / "f.safetensors").exists()
+
+
+# ------------------------------------------------------------------- train's preview grid, exporting a stopped run
+
+
+def _train(data, out, *extra):
+    return cli("train", data / "images", "--out", out, "--preset", "tiny", "--steps", 6, "--batch", 4,
+               "--checkpoint-every", 2, "--device", "cpu", *extra)
+
+
+def test_train_draws_a_sample_grid_at_each_checkpoint_without_changing_the_run(data, tmp_path):
+    from PIL import Image
+
+    from ddguide.core import artifacts
+
+    expect_ok(_train(data, tmp_path / "a.safetensors"))
+    grid = Image.open(tmp_path / "a.samples.png")
+    assert grid.size == (4 * 16 + 5 * 2,) * 2  # 16 images of the tiny preset's 16 px, 4 x 4 with 2 px gaps
+    expect_ok(_train(data, tmp_path / "b.safetensors", "--preview", 0))
+    assert not (tmp_path / "b.samples.png").exists()
+    a, b = (artifacts.load(tmp_path / f"{x}.safetensors", "model").tensors for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the previews draw from generators of their own
+
+
+def test_a_stopped_run_is_exported_from_its_last_checkpoint(data, tmp_path, monkeypatch):
+    from ddguide.core import artifacts
+    from ddguide.stages import train as stage
+
+    out = tmp_path / "m.safetensors"
+    real_fit = stage.fit
+
+    def stop_after_step_4(*args, **kwargs):
+        def progress(done, total, info):
+            if done == 5:
+                raise KeyboardInterrupt
+
+        return real_fit(*args[:8], progress, **kwargs)
+
+    monkeypatch.setattr(stage, "fit", stop_after_step_4)
+    r = _train(data, out, "--lr-final", 1e-5)
+    assert r.exit_code != 0 and not out.exists()
+    monkeypatch.setattr(stage, "fit", real_fit)
+    # with --lr-final the run is tied to --steps: a rerun with fewer steps is refused, --export writes step 4
+    expect_user_error(cli("train", data / "images", "--out", out, "--preset", "tiny", "--steps", 4, "--batch", 4,
+                          "--checkpoint-every", 2, "--device", "cpu", "--lr-final", 1e-5))
+    expect_ok(_train(data, out, "--lr-final", 1e-5, "--export"))
+    assert artifacts.load(out, "model").config["trained_steps"] == 4
+
+
+def test_export_without_a_checkpoint_is_refused(data, tmp_path):
+    expect_user_error(_train(data, tmp_path / "m.safetensors", "--export"), "no checkpoint")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+# ------------------------------------------------------------- Tiny ImageNet's train layout, cas's checkpoint
+
+
+def test_extract_classes_tiny_imagenet_train_folders_by_their_wnids(tiny_model_path, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ddguide.core import artifacts
+
+    train = tmp_path / "tiny-imagenet-200" / "train"
+    rng = np.random.default_rng(0)
+    for wnid in ("n01443537", "n01629819"):
+        (train / wnid / "images").mkdir(parents=True)
+        (train / wnid / f"{wnid}_boxes.txt").write_text("")
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                train / wnid / "images" / f"{wnid}_{i}.JPEG")
+    feats = tmp_path / "f.safetensors"
+    expect_ok(cli("extract", train, "--model", tiny_model_path, "--out", feats, "--device", "cpu"))
+    art = artifacts.load(feats, "features")
+    assert art.config["classes"] == ["n01443537", "n01629819"]
+    assert art.tensors["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    expect_ok(cli("train-head", feats, "--kind", "rejection", "--steps", 3, "--out", tmp_path / "r.safetensors"))
+
+
+def test_cas_removes_its_checkpoint_once_the_report_is_written_unless_kept(data, tmp_path):
+    args = ("cas", "--train", data / "images", "--test", data / "images", "--epochs", 1, "--batch", 6,
+            "--milestones", 1, 1, "--no-hflip", "--device", "cpu")
+    expect_ok(cli(*args, "--out", tmp_path / "a.safetensors"))
+    assert (tmp_path / "a.safetensors").exists() and not (tmp_path / "a.ckpt.safetensors").exists()
+    expect_ok(cli(*args, "--out", tmp_path / "b.safetensors", "--keep-checkpoint"))
+    assert (tmp_path / "b.ckpt.safetensors").exists()
+
+
+def test_sample_and_train_head_take_threads(data, tiny_model_path, tmp_path):
+    expect_ok(cli("sample", "--model", tiny_model_path, "-n", 2, "--steps", 2, "--threads", 1, "--device", "cpu",
+                  "--out", tmp_path / "s"))
+    feats = tmp_path / "f.safetensors"
+    expect_ok(cli("extract", data / "images", "--model", tiny_model_path, "--labels", data / "attributes.csv",
+                  "--label", "has_circle", "--out", feats, "--device", "cpu"))
+    expect_ok(cli("train-head", feats, "--steps", 3, "--threads", 1, "--out", tmp_path / "h.safetensors"))
+    expect_user_error(cli("train-head", feats, "--steps", 3, "--threads", 0, "--out", tmp_path / "x.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()

@@ -45,7 +45,7 @@ def test_a_field_added_to_the_recipe_reaches_both_stages():
 def test_each_stage_keeps_its_own_defaults():
     assert (TrainConfig("d", "o").recipe, FinetuneConfig("d", "o").recipe) == (TRAIN_RECIPE, FINETUNE_RECIPE)
     assert (TRAIN_RECIPE.steps, TRAIN_RECIPE.lr, TRAIN_RECIPE.warmup) == (20000, 2e-4, 200)
-    assert (FINETUNE_RECIPE.steps, FINETUNE_RECIPE.lr, FINETUNE_RECIPE.warmup) == (10000, 1e-4, 0)
+    assert (FINETUNE_RECIPE.steps, FINETUNE_RECIPE.lr, FINETUNE_RECIPE.warmup) == (2000, 1e-4, 0)
     assert train_recipe(steps=5).warmup == 200 and finetune_recipe(steps=5).lr == 1e-4
     assert TrainConfig("d", "o").recipe is not TrainConfig("d", "o").recipe  # no shared mutable default
     with pytest.raises(TypeError):

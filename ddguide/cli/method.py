@@ -106,12 +106,15 @@ def sample(
         "guides."))] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Sample images: unconditional, guided by heads (--guide), by class (--class, --cfg, --reject), or both."""
+    from ddguide.core.runtime import set_threads
     from ddguide.stages.sample import RejectSpec, SampleConfig
     from ddguide.stages.sample import sample as run_sample
 
     precision = _precision(precision, device)
+    set_threads(threads)
     cfg = SampleConfig(
         out=str(out), model=str(model) if model else None, n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
         batch=batch, device=device, precision=precision, guides=list(guide or []), target=target,
@@ -242,14 +245,17 @@ def train_head(
         "unless it is the features' model."))] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a head on denoiser features (or on pixels, --kind pixel)."""
+    from ddguide.core.runtime import set_threads
     from ddguide.method.heads import load_head
     from ddguide.stages.train_head import TrainHeadConfig, chance_warning
     from ddguide.stages.train_head import train_head as run
 
     if augment != "none":  # only the augmentation runs the model
         precision = _precision(precision, device)
+    set_threads(threads)
     cfg = TrainHeadConfig(features=str(features), out=str(out), kind=kind, steps=steps, batch=batch, lr=lr,
                           val_fraction=val_fraction, seed=seed, blocks=tuple(blocks) if blocks else None,
                           timesteps=tuple(timesteps) if timesteps else None, augment=augment,

@@ -96,8 +96,11 @@ def cas_command(
     mixup_cutmix: Annotated[float, typer.Option(
         help="Probability that a batch is mixed by mixup or cutmix (evenly; Beta(1,1) weights).")] = 0.0,
     out: Annotated[Path, typer.Option(
-        help="Report artifact to write; a checkpoint is kept beside it (rerun the same command to resume).")]
+        help="Report artifact to write. A checkpoint beside it lets a stopped run resume (rerun the same command); "
+             "it is removed once the report is written, unless --keep-checkpoint.")]
         = Path("cas_report.safetensors"),
+    keep_checkpoint: Annotated[bool, typer.Option(
+        "--keep-checkpoint", help="Keep the trained classifier's checkpoint beside the report.")] = False,
     stem: Annotated[str, typer.Option(
         help="auto (3x3 stride-1 stem without max-pool for images of 64 px or less), small or imagenet.")] = "auto",
     image_size: Annotated[Optional[int], typer.Option(
@@ -119,7 +122,7 @@ def cas_command(
     cfg = CasConfig(train=[str(t) for t in train], test=str(test), out=str(out), arch=arch, epochs=epochs,
                     batch=batch, lr=lr, milestones=list(milestones), mixup_cutmix=mixup_cutmix, stem=stem,
                     image_size=image_size, resize=resize, seed=seed, precision=precision, device=device,
-                    threads=threads, hflip=hflip)
+                    threads=threads, hflip=hflip, keep_checkpoint=keep_checkpoint)
     warning = [cfg.milestone_warning()]  # said once training starts: a refused run keeps its one error line
 
     def update(done: int, total: int, info: str = "") -> None:

@@ -295,6 +295,27 @@ def class_folders(root: str | os.PathLike) -> Labelled:
     return files, labels, [c.name for c in classes]
 
 
+def folder_classes(files: list[Path], root: str | os.PathLike) -> tuple[list[int], list[str]] | None:
+    """The class of each of ``files`` from the folders they lie in, or None when the folder has no class layout.
+
+    Images in two or more sibling folders are classed by those folders (``data/<class>/*.png``); otherwise by
+    the first folder below ``root`` (or below ``root/images``), so Tiny ImageNet's ``train/<wnid>/images/*.JPEG``
+    is classed by its wnids. Classes are numbered in sorted order, as :func:`class_folders` numbers them."""
+    root = Path(root)
+    parents = sorted({f.parent for f in files})
+    if len(parents) > 1 and all(p.parent == parents[0].parent for p in parents):
+        names = [p.name for p in parents]
+        return [names.index(f.parent.name) for f in files], names
+    base = root / "images" if all(f.is_relative_to(root / "images") for f in files) else root
+    tops = [f.relative_to(base).parts for f in files]
+    if any(len(parts) < 2 for parts in tops):  # an image outside every class folder: no class layout
+        return None
+    names = sorted({parts[0] for parts in tops})
+    if len(names) < 2:
+        return None
+    return [names.index(parts[0]) for parts in tops], names
+
+
 def _tiny_imagenet_root(root: Path) -> bool:
     return (root / "train").is_dir() and (root / "val" / "val_annotations.txt").is_file()
 

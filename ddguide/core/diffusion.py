@@ -97,6 +97,19 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
     return sorted(set(kept))
 
 
+def sampling_timesteps(num_timesteps: int, steps: int, sampler: str) -> list[int]:
+    """The kept timesteps of a ``steps``-step sampler: DDIM takes guided-diffusion's integer stride when one gives
+    exactly ``steps``, else (and for DDPM) the fractional spacing that keeps both ends."""
+    if steps > num_timesteps:
+        raise UserError(f"--steps {steps} exceeds the model's {num_timesteps} diffusion steps")
+    if sampler == "ddim":
+        try:
+            return space_timesteps(num_timesteps, f"ddim{steps}")
+        except UserError:
+            pass
+    return space_timesteps(num_timesteps, str(steps))
+
+
 def respace_betas(abar: torch.Tensor, kept: list[int]) -> torch.Tensor:
     """Betas of the shortened chain that visits only ``kept`` steps: ``1 - abar_k / abar_{k_prev}``."""
     sub = abar[kept]

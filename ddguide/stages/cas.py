@@ -7,7 +7,8 @@ name, so synthetic data of a fine-tuned model is scored against the real classes
 Recipe: a torchvision-identical ResNet (``ddguide.metrics.resnet``), Adam with the learning rate multiplied by 0.1 at
 each milestone epoch, random horizontal flips (unless ``hflip`` is off), and optionally mixup or cutmix (one of the two, evenly) on a
 batch with probability ``p``. A checkpoint beside the report is written after every epoch; rerunning the same
-command resumes from it (and only re-evaluates once training has finished).
+command resumes from it (and only re-evaluates once training has finished). Once the report is written the
+checkpoint is removed (the ResNet-18's is ~134 MB) unless ``keep_checkpoint`` is set.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class CasConfig:
     device: str = "auto"
     threads: int | None = None
     hflip: bool = True  # random horizontal flips (wrong for digits and text)
+    keep_checkpoint: bool = False  # keep the classifier's checkpoint once the report is written
 
     def validate(self) -> None:
         if not self.train:
@@ -283,5 +285,7 @@ def cas(cfg: CasConfig, progress: Progress | None = None) -> CasResult:
     artifacts.save(cfg.out, {"per_class_accuracy": per_class,
                              "epoch_loss": torch.tensor(state.losses, dtype=torch.float32)},
                    kind="report", config=config, fingerprint="")
+    if not cfg.keep_checkpoint:  # the classifier served the report; its checkpoint is only for resuming
+        ckpt.unlink(missing_ok=True)
     return CasResult(top1, top5, k, dict(zip(present, per_class.tolist())), len(train.images), len(test.images),
                      list(state.losses), Path(cfg.out))

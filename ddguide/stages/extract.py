@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from ddguide.core import artifacts
-from ddguide.core.data import attribute_labels, labelled_files, list_images, load_image, paired_masks, to_tensor
+from ddguide.core.data import (
+    attribute_labels,
+    folder_classes,
+    labelled_files,
+    list_images,
+    load_image,
+    paired_masks,
+    to_tensor,
+)
 from ddguide.core.defaults import DEFAULT_TIMESTEPS
 from ddguide.core.errors import UserError
 from ddguide.core.model import load_model
@@ -67,12 +75,11 @@ def _labels(cfg: ExtractConfig, files: list[Path], size: int) -> tuple[dict[str,
         if masks.min() < 0 or masks.max() > 255:
             raise UserError(f"{cfg.masks}: mask ids must be in 0..255")
         return {"masks": masks.to(torch.uint8)}, {"label": "mask", "mask_classes": int(masks.max()) + 1}
-    parents = sorted({f.parent for f in files})
-    if len(parents) > 1 and all(p.parent == parents[0].parent for p in parents):  # class sub-folders
-        names = [p.name for p in parents]
-        labels = torch.tensor([names.index(f.parent.name) for f in files], dtype=torch.long)
-        return {"labels": labels}, {"label": "class", "classes": names}
-    return {}, {"label": None}
+    classes = folder_classes(files, root)
+    if classes is None:
+        return {}, {"label": None}
+    labels, names = classes
+    return {"labels": torch.tensor(labels, dtype=torch.long)}, {"label": "class", "classes": names}
 
 
 def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ddguide.core.data import read_mask, to_uint8
-from ddguide.core.diffusion import space_timesteps
+from ddguide.core.diffusion import sampling_timesteps
 from ddguide.core.errors import UserError
 from ddguide.core.model import Model, denoiser, load_model
 from ddguide.core.outputs import samples_folder, staged_folder
@@ -281,15 +281,7 @@ def class_name(model: Model, c: int) -> str | int:
 
 def timesteps_for(model: Model, steps: int, sampler: str) -> list[int]:
     """Kept timesteps: DDIM uses guided-diffusion's integer stride when it fits, else the fractional spacing."""
-    total = model.diffusion.steps
-    if steps > total:
-        raise UserError(f"--steps {steps} exceeds the model's {total} diffusion steps")
-    if sampler == "ddim":
-        try:
-            return space_timesteps(total, f"ddim{steps}")
-        except UserError:
-            pass
-    return space_timesteps(total, str(steps))
+    return sampling_timesteps(model.diffusion.steps, steps, sampler)
 
 
 # ------------------------------------------------------------------------------------------- drawing

@@ -40,6 +40,7 @@ from ddguide.core.unet import UNetConfig, UNetModel
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
 Labels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # batch indices -> class ids for the batch
 Reader = Callable[[], tuple[torch.Tensor, Labels | None]]  # -> uint8 (N, H, W, 3) images, labels or None
+OnCheckpoint = Callable[[dict[str, torch.Tensor], "RunState"], None]  # (EMA weights, state) after each save
 
 
 @dataclass(kw_only=True)
@@ -125,8 +126,13 @@ def setup_device(device: str, threads: int | None) -> torch.device:
 
 def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, identity: dict[str, Any],
         gen: torch.Generator, read: Reader, device: torch.device,
-        progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], RunState]:
+        progress: Progress | None = None, *, on_checkpoint: OnCheckpoint | None = None,
+        export: bool = False) -> tuple[dict[str, torch.Tensor], RunState]:
     """Optimise ``net`` (or resume from ``ckpt``) and return its EMA weights and the run's state.
+
+    ``on_checkpoint`` runs on rank 0 after each checkpoint is saved (``train`` draws its preview grid there; it
+    must not touch ``gen``). ``export`` trains no further: the checkpoint's EMA weights are returned as they are,
+    so a stopped run can be written as a model.
 
     ``identity`` is what a checkpoint must match to be resumed. ``read`` gives the training images as
     uint8 (N, H, W, 3) and, for a class-conditional net, a function drawing each batch's labels; it is called
@@ -150,6 +156,10 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     if ckpt.exists():
         if not restore_checkpoint(ckpt, identity, net, ema, opt, gen, state, device, rank):
             gen.manual_seed(_rank_seed(gen.initial_seed(), rank, state.step))  # a rank the last run did not have
+    if export:
+        if not ckpt.exists():
+            raise UserError(f"--export: no checkpoint {ckpt} to write a model from (train first)")
+        return ema, state
     images, labels = read()
     abar = alphas_cumprod(diffusion).to(device)
     batch = recipe.batch // world
@@ -175,6 +185,8 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
             rngs = all_gather(gen.get_state(), device)
             if rank == 0:
                 save_checkpoint(ckpt, identity, net, ema, opt, gen, state, rngs[1:])
+                if on_checkpoint:
+                    on_checkpoint(ema, state)
         if progress and rank == 0:
             now = time.time()
             progress(state.step, recipe.steps, f"loss {np.mean(state.losses[-50:]):.4f}  "
@@ -258,6 +270,28 @@ def write_model(out: str | Path, net_cfg: UNetConfig, diffusion: DiffusionConfig
         save_model(out, model, state_dict=ema)
         write_loss_curve(Path(out).with_suffix(".loss.png"), state.losses)
     return Path(out)
+
+
+def preview_grid(path: str | Path, net_cfg: UNetConfig, diffusion: DiffusionConfig, ema: dict[str, torch.Tensor],
+                 device: torch.device, n: int = 16, steps: int = 25) -> None:
+    """``n`` samples of the EMA weights as one PNG grid (DDIM ``steps`` steps, eta 0, image k from seed k: the
+    same noise at every checkpoint, so successive grids show what training changed). Drawn with generators of
+    its own, so the run's random stream is untouched."""
+    from ddguide.core.data import to_uint8
+    from ddguide.core.diffusion import sampling_timesteps
+    from ddguide.core.model import denoiser
+    from ddguide.core.samples import write_grid
+    from ddguide.core.sampling import image_generators, per_image_randn, sample_ddim
+
+    model = Model(UNetModel(net_cfg), diffusion)
+    model.net.load_state_dict(ema)
+    model.to(device).eval()
+    kept = sampling_timesteps(diffusion.steps, min(steps, diffusion.steps), "ddim")
+    size, channels = net_cfg.image_size, net_cfg.in_channels
+    x = per_image_randn((channels, size, size), image_generators(0, range(n)), device)
+    with torch.no_grad():
+        images = sample_ddim(denoiser(model), x, kept, alphas_cumprod(diffusion).to(device))
+    write_grid(Path(path), list(to_uint8(images.cpu())))
 
 
 def check_finite_loss(loss: torch.Tensor, step: int, lr: float) -> None:
