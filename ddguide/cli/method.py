@@ -46,6 +46,10 @@ def sample(
         "--class", metavar="C ...", help="Class names or ids of a class-conditional model ('all' cycles evenly).")] = None,
     cfg_scale: Annotated[Optional[float], typer.Option(
         "--cfg", help="Classifier-free guidance weight w: eps = (1+w) eps(x,c) - w eps(x,null).")] = None,
+    cfg_uncond: Annotated[Optional[Path], typer.Option(
+        help="An unconditional model (same image size, channels and schedule) whose eps is --cfg's null branch: "
+             "eps = (1+w) eps(x,c) - w eps_uncond(x). Needed by class-conditional models without a null class "
+             "(converted guided-diffusion ones; `ddguide info` says).")] = None,
     guide: Annotated[Optional[list[str]], typer.Option(
         metavar="HEAD[:w[:target]] ...", help=(
             "Heads to guide with; several multiply as a product of experts. A plug-in guide is Python code: "
@@ -120,7 +124,7 @@ def sample(
         batch=batch, device=device, precision=precision, guides=list(guide or []), target=target,
         mask=str(mask) if mask else None, lam=lam, guide_grad=guide_grad, guide_window=guide_window,
         guide_model=str(guide_model) if guide_model else None,
-        classes=list(class_ or []), cfg_scale=cfg_scale,
+        classes=list(class_ or []), cfg_scale=cfg_scale, cfg_uncond=str(cfg_uncond) if cfg_uncond else None,
         reject=RejectSpec(str(reject), threshold, str(reject_model) if reject_model else None) if reject else None,
         guide_every=guide_every, particles=particles, smc=smc, potential=potential, potential_scale=potential_scale,
         resample_every=resample_every, resample_window=resample_window, search=search, candidates=candidates,

@@ -169,9 +169,27 @@ def info(file: Annotated[Path, typer.Argument(help="Any ddguide artifact.")]) ->
     table.add_row("file", str(file))
     for key, value in {**about.envelope(), **dict(sorted(about.extra.items()))}.items():
         table.add_row(key, value)
+    null = _null_class_row(about)
+    if null:
+        table.add_row("null class", null)
     out_console.print(table)
     out_console.print_json(json.dumps(about.config))  # json.dumps escapes control characters
-    report(file=file, **about.envelope(), config=about.config)
+    report(file=file, **about.envelope(), config=about.config,
+           **({"null_class": null.startswith("yes")} if null else {}))
+
+
+def _null_class_row(about: Any) -> str | None:
+    """For a class-conditional model: whether its last class row is the null class CFG needs (None otherwise)."""
+    from ddguide.core.model import class_rows, null_class_of
+
+    if about.kind != "model":
+        return None
+    meta = about.typed()
+    null, rows = null_class_of(meta), class_rows(meta)
+    if null is None or rows is None:
+        return None
+    return (f"yes (row {rows - 1}; {rows - 1} classes)" if null else
+            f"no ({rows} classes; --cfg needs --cfg-uncond MODEL)")
 
 
 # --- end fid ---

@@ -390,17 +390,21 @@ def _fields_of(meta: Any) -> dict[str, Any]:
 @typed_config("model")
 @dataclass(frozen=True)
 class ModelMeta:
-    """A model's config: its U-Net and diffusion sections, its class names (None: unconditional) and whatever
-    its writer records about where it came from (``preset``, ``train``, ``finetune``, ``trained_steps``,
-    ``finetuned_from``, ``converted_from`` ...), all stored side by side in one JSON object."""
+    """A model's config: its U-Net and diffusion sections, its class names (None: unconditional), whether its
+    last class-embedding row is a null class (``null_class``: true for ``finetune``'s models, false for converted
+    class-conditional checkpoints; None where the file does not say) and whatever its writer records about where
+    it came from (``preset``, ``train``, ``finetune``, ``trained_steps``, ``finetuned_from``, ``converted_from``
+    ...), all stored side by side in one JSON object."""
 
     KIND: ClassVar[str]
     unet: dict[str, Any]
     diffusion: dict[str, Any]
     classes: list[str] | None = None
+    null_class: bool | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
-    SECTIONS: ClassVar[tuple[str, ...]] = ("unet", "diffusion", "classes")
+    SECTIONS: ClassVar[tuple[str, ...]] = ("unet", "diffusion", "classes", "null_class")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("null_class",)  # left out of the file when None
 
     def __post_init__(self) -> None:
         clash = sorted(set(self.info) & set(self.SECTIONS))
@@ -408,7 +412,9 @@ class ModelMeta:
             raise ValueError(f"model info may not hold {', '.join(clash)}")
 
     def to_metadata(self) -> dict[str, Any]:
-        return {"unet": self.unet, "diffusion": self.diffusion, "classes": self.classes, **self.info}
+        sections = {"unet": self.unet, "diffusion": self.diffusion, "classes": self.classes,
+                    "null_class": self.null_class}
+        return {**_optional(sections, self.OPTIONAL), **self.info}
 
     @classmethod
     def from_metadata(cls, config: dict[str, Any], path: str | os.PathLike) -> "ModelMeta":

@@ -27,13 +27,15 @@ class Model(nn.Module):
     """An ADM network with its diffusion settings. ``forward(x_t, t, y)`` returns the raw network output."""
 
     def __init__(self, net: UNetModel, diffusion: DiffusionConfig, *, fingerprint: str = "",
-                 classes: list[str] | None = None, info: dict[str, Any] | None = None):
+                 classes: list[str] | None = None, info: dict[str, Any] | None = None,
+                 null_class: bool | None = None):
         super().__init__()
         self.net = net
         self.diffusion = diffusion
         self.fingerprint = fingerprint
         self.classes = classes
         self.info = dict(info or {})
+        self.null_class = null_class  # as its file says (None: not said; see has_null_class)
         self.source_path: Path | None = None  # the file it was loaded from (set by load_model)
         self.abar = alphas_cumprod(diffusion)  # float64 (T,), kept on the CPU: not a parameter
 
@@ -44,6 +46,30 @@ class Model(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+    @property
+    def labels(self) -> int | None:
+        """Rows of the class embedding (None: an unconditional model)."""
+        return self.net.cfg.num_classes
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the last class-embedding row is the null class, the unconditional branch of CFG.
+
+        ``finetune`` adds one; guided-diffusion's class-conditional models (1000 ImageNet classes) have none. A file
+        that does not say keeps the reading of the ddguide that wrote it: a null row, unless it was converted from
+        a published checkpoint."""
+        return self.labels is not None and _null_class(self.null_class, self.info)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label that means 'no class' (None: the model has no null class)."""
+        return self.labels - 1 if self.labels is not None and self.has_null_class else None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The real classes a class-conditional model draws (the null row not counted); None: unconditional."""
+        return None if self.labels is None else self.labels - int(self.has_null_class)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x, self.diffusion.model_time(t), y)
@@ -56,11 +82,29 @@ class Model(nn.Module):
     def meta(self) -> artifacts.ModelMeta:
         """The typed config its artifact stores."""
         return artifacts.ModelMeta(unet=self.net.cfg.to_dict(), diffusion=self.diffusion.to_dict(),
-                                   classes=self.classes, info=self.info)
+                                   classes=self.classes, info=self.info,
+                                   null_class=None if self.labels is None else self.has_null_class)
 
     def config(self) -> dict[str, Any]:
         """The JSON object its artifact stores as config."""
         return self.meta().to_metadata()
+
+
+def _null_class(recorded: bool | None, info: dict[str, Any]) -> bool:
+    """A class-conditional model's null class as its file says, or, where it does not say, as the ddguide that
+    wrote it read it: a null row, unless the model was converted from a published checkpoint."""
+    return recorded if recorded is not None else "converted_from" not in info
+
+
+def class_rows(meta: artifacts.ModelMeta) -> int | None:
+    """The class-embedding rows a model artifact's config describes (None: unconditional)."""
+    rows = meta.unet.get("num_classes")
+    return rows if isinstance(rows, int) else None
+
+
+def null_class_of(meta: artifacts.ModelMeta) -> bool | None:
+    """Whether a model artifact's last class row is the null class, from its config alone (None: unconditional)."""
+    return None if class_rows(meta) is None else _null_class(meta.null_class, meta.info)
 
 
 def save_model(path: str | os.PathLike, model: Model, *, state_dict: dict[str, torch.Tensor] | None = None) -> str:
@@ -98,7 +142,8 @@ def model_from_artifact(art: artifacts.Artifact) -> Model:
     with torch.device("meta"):  # no random initialisation to overwrite: the file's tensors become the weights
         net = UNetModel(unet_cfg)
     net.load_state_dict({k: v.float() for k, v in art.tensors.items()}, assign=True)
-    return Model(net, diffusion, fingerprint=art.fingerprint, classes=meta.classes, info=meta.info)
+    return Model(net, diffusion, fingerprint=art.fingerprint, classes=meta.classes, info=meta.info,
+                 null_class=meta.null_class)
 
 
 # architecture bounds a model config must keep to (published ADM models are far inside them)

@@ -2,7 +2,7 @@
 
 - :func:`conditional` and :func:`classifier_free` — a class-conditional model without and with Ho & Salimans'
   guidance, ``eps = (1 + w) eps(x, c) - w eps(x, null)`` (paper §4.2, §5.3), from the base denoiser of
-  ``models.denoiser``;
+  ``models.denoiser``; :func:`classifier_free_uncond` takes the null branch from an unconditional model;
 - :func:`head_guidance` — the paper's Eq. 13 through heads on the model's own features of x0_hat, around any
   inner denoiser (the plain model, or CFG: guided class-conditional sampling is
   ``head_guidance(classifier_free(denoiser(m), y, null, w), m, guides, lam, indices)``).
@@ -46,6 +46,22 @@ def classifier_free(base: LabelledDenoiser, labels: torch.Tensor, null: int, w: 
                         .to(x.device))
         eps_c, eps_u = eps.chunk(2)
         return Prediction((1 + w) * eps_c - w * eps_u, None if var is None else var.chunk(2)[0])
+
+    return denoise
+
+
+def classifier_free_uncond(base: LabelledDenoiser, uncond: LabelledDenoiser, labels: torch.Tensor,
+                           w: float) -> Denoiser:
+    """CFG whose null branch is another, unconditional model: ``eps = (1 + w) eps(x, c) - w eps_uncond(x)``.
+
+    For class-conditional models trained without a null class (guided-diffusion's ImageNet models), with an
+    unconditional model of the same size and schedule; the variance values, when learned, are the conditional
+    model's."""
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        eps_c, var = base(x, t, labels[: len(x)].to(x.device))
+        eps_u = uncond(x, t).eps
+        return Prediction((1 + w) * eps_c - w * eps_u, var)
 
     return denoise
 

@@ -158,7 +158,10 @@ def convert(cfg: ConvertConfig) -> Model:
     check_fits(unet_cfg, sd, str(cfg.checkpoint))
     net = UNetModel(unet_cfg)
     net.load_state_dict({k: v.float() for k, v in sd.items()})
+    # a published class-conditional model has one embedding row per class and no null class (guided-diffusion
+    # trained without label dropout): CFG needs an unconditional model for its null branch (`--cfg-uncond`)
     model = Model(net, diffusion, info={"preset": name, "source": preset.source if preset else "custom",
-                                        "converted_from": Path(cfg.checkpoint).name})
+                                        "converted_from": Path(cfg.checkpoint).name},
+                  null_class=None if unet_cfg.num_classes is None else False)
     save_model(cfg.out, model)
     return model

@@ -36,7 +36,15 @@ from ddguide.core.samples import (
     write_png,
 )
 from ddguide.core.sampling import Denoiser, StepHook, image_generators, per_image_randn, sample_ddim, sample_ddpm
-from ddguide.method.guidance import Guide, classifier_free, conditional, head_guidance, head_input, log_likelihood
+from ddguide.method.guidance import (
+    Guide,
+    classifier_free,
+    classifier_free_uncond,
+    conditional,
+    head_guidance,
+    head_input,
+    log_likelihood,
+)
 from ddguide.method.heads import check_compatible, load_head
 from ddguide.method.particles import (
     SEARCHES,
@@ -89,6 +97,7 @@ class SampleConfig:
     guide_model: str | None = None  # the model whose features the heads read (default: --model)
     classes: list[str] = field(default_factory=list)  # names or ids; ["all"] cycles through every class
     cfg_scale: float | None = None
+    cfg_uncond: str | None = None  # an unconditional model whose eps is CFG's null branch (models without a null class)
     reject: RejectSpec | None = None
     guide_every: int = 1  # guide every k-th sampling step
     particles: int = 1  # K chains per image (Feynman-Kac steering when K > 1)
@@ -120,6 +129,8 @@ class SampleConfig:
             check_threshold(self.reject.threshold)
         elif self.cfg_scale is not None and not self.classes:
             raise UserError("--cfg needs --class")
+        if self.cfg_uncond is not None and not self.cfg_scale:
+            raise UserError("--cfg-uncond is the null branch of classifier-free guidance: give --cfg W too")
         if not self.guides:
             if (self.target, self.mask, self.guide_window, self.guide_model) != (None,) * 4 or self.normalize_grad:
                 raise UserError("--target, --mask, --guide-window, --guide-model and --normalize-grad need at least "
@@ -247,19 +258,21 @@ def check_guides(guides: Sequence[Guide | PluginGuide], model: Model, sampled: M
         g.head.to(model.device)
 
 
-def null_class(model: Model) -> int:
-    """The label that means 'no class': the last embedding row of a fine-tuned model."""
-    if model.net.cfg.num_classes is None:
+def null_class(model: Model) -> int | None:
+    """The label that means 'no class': the last embedding row of a fine-tuned model; None for a model without
+    one (a converted guided-diffusion model, whose last row is a real class)."""
+    if model.labels is None:
         raise UserError("--class and --cfg need a class-conditional model (see `ddguide finetune`)")
-    return model.net.cfg.num_classes - 1
+    return model.null_label
 
 
 def class_ids(model: Model, classes: Sequence[str]) -> list[int]:
     """Class names or ids -> ids (``all``: every class of the model, in order)."""
-    null = null_class(model)  # refuses unconditional models
+    null_class(model)  # refuses unconditional models
     names = model.classes or []
+    count = model.num_classes or 0  # the null row, when there is one, is no class to draw
     if list(classes) == ["all"]:
-        return list(range(len(names) or null))
+        return list(range(len(names) or count))
     ids = []
     for c in classes:
         if isinstance(c, str) and not c.isdigit():
@@ -268,7 +281,7 @@ def class_ids(model: Model, classes: Sequence[str]) -> list[int]:
             ids.append(names.index(c))
         else:
             ids.append(int(c))
-    known = len(names) if names else null
+    known = len(names) if names else count
     for i in ids:
         if not 0 <= i < known:
             raise UserError(f"class id {i} is out of range: the model has {known} classes")
@@ -327,6 +340,7 @@ class Sampling:
     guides: list[Guide | PluginGuide]
     features: Model  # the model whose features the heads read (``model`` unless --guide-model)
     ids: list[int] | None  # the chosen class ids (None: unconditional model)
+    uncond: Model | None = None  # CFG's null branch when it is another model (--cfg-uncond)
     rejector: Rejector | None = None
     targets: dict[int, int] = field(default_factory=dict)  # class id -> rejection head's class index
     verifiers: list[Guide | PluginGuide] = field(default_factory=list)  # scores particles, candidates (default: guides)
@@ -338,8 +352,10 @@ class Sampling:
         base = denoiser(model, precision=cfg.precision)
         if labels is None:
             den: Denoiser = lambda x, t: base(x, t)  # noqa: E731
+        elif cfg.cfg_scale and self.uncond is not None:
+            den = classifier_free_uncond(base, denoiser(self.uncond, precision=cfg.precision), labels, cfg.cfg_scale)
         elif cfg.cfg_scale:
-            den = classifier_free(base, labels, null_class(model), cfg.cfg_scale)
+            den = classifier_free(base, labels, null_class(model), cfg.cfg_scale)  # type: ignore[arg-type]
         else:
             den = conditional(base, labels)
         if self.guides:
@@ -469,6 +485,8 @@ def prepare(cfg: SampleConfig, model: Model | None = None) -> Sampling:
     wanted = cfg.wanted
     ids = class_ids(model, wanted) if wanted else None
     sampling = Sampling(cfg, model, guides, features, ids, steps=timesteps_for(model, cfg.steps, cfg.sampler))
+    if cfg.cfg_scale and ids is not None:
+        sampling.uncond = _cfg_uncond(cfg, model, device)
     if cfg.verifier:
         sampling.verifiers = load_guides(cfg, cfg.verifier)
         check_guides(sampling.verifiers, features, model)
@@ -480,6 +498,29 @@ def prepare(cfg: SampleConfig, model: Model | None = None) -> Sampling:
     if cfg.reject is not None:
         _add_rejector(sampling, cfg.reject, device)
     return sampling
+
+
+def _cfg_uncond(cfg: SampleConfig, model: Model, device: torch.device) -> Model | None:
+    """The model of CFG's null branch: ``--cfg-uncond`` (an unconditional model of the sampled model's image size,
+    channels and schedule), else None, the sampled model's own null class, which it must have."""
+    name = cfg.model or "the model"
+    if cfg.cfg_uncond is None:
+        if model.null_label is None:
+            raise UserError(f"{name} has no null class (its {model.labels} class rows are all real classes): --cfg "
+                            "needs --cfg-uncond MODEL, an unconditional model of the same image size and schedule")
+        return None
+    uncond = load_model(cfg.cfg_uncond, device).requires_grad_(False)
+    if uncond.labels is not None:
+        raise UserError(f"{cfg.cfg_uncond}: --cfg-uncond needs an unconditional model, this one has "
+                        f"{uncond.labels} class rows")
+    mine = (model.image_size, model.net.cfg.in_channels)
+    theirs = (uncond.image_size, uncond.net.cfg.in_channels)
+    if theirs != mine or not torch.equal(uncond.abar, model.abar):
+        raise UserError(f"{cfg.cfg_uncond}: --cfg-uncond must match {name}'s image size, channels and diffusion "
+                        f"schedule ({mine[0]} px, {mine[1]} channels, {model.diffusion.schedule} "
+                        f"{model.diffusion.steps}; it has {theirs[0]} px, {theirs[1]} channels, "
+                        f"{uncond.diffusion.schedule} {uncond.diffusion.steps})")
+    return uncond
 
 
 def _read_the_shipped_parent(guides: Sequence[Guide | PluginGuide], model: Model) -> bool:
