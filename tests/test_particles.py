@@ -131,7 +131,11 @@ def test_zero_order_search_is_deterministic_per_image(tiny_model_path, head, tmp
 @pytest.mark.parametrize("options, fragment", [
     (("--particles", 0), "--particles"),
     (("--particles", 2), "a head to score with"),
-    (("--smc", "tds", "--guide", "{head}"), "--smc"),
+    (("--smc", "twist", "--guide", "{head}"), "--smc"),
+    (("--smc", "tds", "--particles", 2), "--guide HEAD"),
+    (("--smc", "tds", "--guide", "{head}", "--eta", 0), "stochastic sampler"),
+    (("--smc", "tds", "--guide", "{head}", "--verifier", "{head}"), "--verifier"),
+    (("--smc", "tds", "--guide", "{head}", "--guide-every", 2), "do not apply"),
     (("--search", "beam", "--guide", "{head}"), "--search"),
     (("--search", "best-of-n", "--candidates", 0, "--guide", "{head}"), "--candidates"),
     (("--search", "best-of-n", "--particles", 2, "--guide", "{head}"), "choose one"),
@@ -166,3 +170,60 @@ def test_nan_potentials_stop_with_one_line_and_write_nothing(tiny_model_path, he
                 "--out", tmp_path / "s", *options)
         expect_user_error(r, "NaN")
         assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------- twisted diffusion
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
+def test_tds_weights_give_the_exact_conditional_of_a_gaussian(lam):
+    """Data N(0, s^2) (its exact denoiser is known), a logistic 'head' p(y | x0) = sigmoid(beta x0): TDS's weighted
+    particles estimate E[x0 | y], which quadrature gives, whatever the proposal's step lambda (the weights are
+    exact for any); with lambda 0 the proposal is the unconditional model and the weights do all the work."""
+    from ddguide.core.diffusion import DiffusionConfig, alphas_cumprod
+    from ddguide.core.sampling import DDPM, Prediction, run_chain
+    from ddguide.method.particles import Twisting
+
+    s2, beta, n, k = 0.25, 4.0, 4, 500
+    abar = alphas_cumprod(DiffusionConfig(1000, "linear"))
+    kept = list(range(0, 1000, 20))
+
+    def eps_of(x, t):
+        a = abar[t].float().view(-1, 1, 1, 1)
+        x0 = a.sqrt() * s2 * x / (a * s2 + 1 - a)  # E[x0 | x_t] for x0 ~ N(0, s^2)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt(), x0
+
+    def twist(x, t):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            eps, x0 = eps_of(x_in, t)
+            logp = torch.nn.functional.logsigmoid(beta * x0).flatten(1).sum(1)
+            (g,) = torch.autograd.grad(logp.sum(), x_in)
+        return Prediction(eps.detach()), logp.detach(), g
+
+    final = lambda x0: torch.nn.functional.logsigmoid(beta * x0).flatten(1).sum(1)  # noqa: E731
+    chains = [i for i in range(n) for _ in range(k)]
+    gens = [torch.Generator().manual_seed(1000 + j) for j in range(n * k)]
+    tds = Twisting(SteeringConfig(k), lam, twist, final, chains, [torch.Generator().manual_seed(i) for i in range(n)])
+    x = torch.stack([torch.randn((1, 1, 1), generator=g) for g in gens])
+    x = run_chain(tds.denoiser, x, tds.wrap(DDPM(abar, kept)), abar, generators=gens, clip=False)
+    w = torch.softmax(tds.logw, dim=1)  # (n, k)
+    weighted = float((w * x.view(n, k).double()).sum(1).mean())
+    grid = torch.linspace(-4, 4, 20001, dtype=torch.float64)
+    density = torch.exp(-grid**2 / (2 * s2)) * torch.sigmoid(beta * grid)
+    exact = float((grid * density).sum() / density.sum())  # E[x0 | y], about 0.37
+    unweighted = float(x.mean())
+    assert abs(weighted - exact) < 0.03, (weighted, exact)
+    if lam == 0:  # the particles are the unconditional model's: the weights alone move the estimate
+        assert abs(unweighted) < 0.1
+    assert 0 <= int(tds.chosen().min()) and int(tds.chosen().max()) < k
+
+
+def test_tds_samples_do_not_depend_on_the_batch_and_report_their_particles(tiny_model_path, head, tmp_path):
+    common = ("--smc", "tds", "--particles", 3, "--guide", head, "--sampler", "ddpm", "--guide-grad", "x0")
+    a = run(tiny_model_path, tmp_path / "a", *common, "--batch", 1)
+    b = run(tiny_model_path, tmp_path / "b", *common, "--batch", 3)
+    assert np.array_equal(pixels(tmp_path / "a"), pixels(tmp_path / "b")) and a == b
+    assert all(r["particles"] == "3" and 1 <= float(r["ess_min"]) <= 3 and r["chosen"] in "012" for r in a)
+    full = run(tiny_model_path, tmp_path / "full", "--smc", "tds", "--particles", 2, "--guide", head)  # ddim, eta 1
+    assert len(full) == 3 and np.isfinite(pixels(tmp_path / "full")).all()

@@ -87,8 +87,11 @@ def sample(
         "K particles per image, steered by Feynman-Kac potentials from the heads' log p(y | x0_hat) (no backward "
         "pass; with --lambda > 0 the Eq. 13 step is the proposal); the best particle on the final image is kept. "
         "--batch counts images, each with K chains."))] = 1,
-    smc: Annotated[Optional[str], typer.Option(help="Particle sampler: fk (Feynman-Kac steering; implied by "
-                                                     "--particles K > 1).")] = None,
+    smc: Annotated[Optional[str], typer.Option(help=(
+        "Particle sampler: fk (Feynman-Kac steering; implied by --particles K > 1), or tds (the twisted diffusion "
+        "sampler: the Eq. 13 gradient shifts each step's kernel by lambda sigma^2 grad, exact importance weights, "
+        "the kept image drawn from the final weights; one backward pass per particle and step; a stochastic "
+        "sampler, --potential-scale is the twist's exponent)."))] = None,
     potential: Annotated[str, typer.Option(help=(
         "FK potential of a particle's lineage: max (running maximum of the reward), sum, or diff (its latest "
         "change)."))] = "max",

@@ -57,7 +57,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "sampler": ("ddim", "ddpm"),
     "guide_grad": ("full", "x0"),
-    "smc": ("fk",),
+    "smc": ("fk", "tds"),
     "potential": ("max", "diff", "sum"),
     "search": ("best-of-n", "zero-order"),
     "noise": ("none", "fixed"),

@@ -13,7 +13,7 @@ whatever the batch size, the device or how the work is split between processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -90,14 +90,17 @@ class DDIM:
     def __init__(self, abar: torch.Tensor, timesteps: Sequence[int], eta: float = 0.0):
         self.abar, self.eta, self.steps = abar, eta, _steps(timesteps)
 
-    def step(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
-             var: torch.Tensor | None) -> torch.Tensor:
+    def mean_std(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
+                 var: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gaussian kernel p(x_{t_prev} | x_t): its mean, and its standard deviation (None: deterministic)."""
         a, a_prev = _abar(self.abar, t).float(), _abar(self.abar, t_prev).float()
         sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if t_prev >= 0 and self.eta > 0:
-            x = x + sigma * per_image_randn(x.shape[1:], chain.generators, x.device)
-        return x
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        return mean, sigma if t_prev >= 0 and self.eta > 0 else None
+
+    def step(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
+             var: torch.Tensor | None) -> torch.Tensor:
+        return _draw_kernel(chain, *self.mean_std(chain, t, t_prev, eps, x0, var))
 
 
 class DDPM:
@@ -117,24 +120,36 @@ class DDPM:
         self.post_log_clipped = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
         self.fixed_large = torch.cat([post_var[1:2], self.betas[1:]])
 
-    def step(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
-             var: torch.Tensor | None) -> torch.Tensor:
+    def mean_std(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
+                 var: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gaussian kernel p(x_{t_prev} | x_t): its mean, and its standard deviation (None on the last step)."""
         k, betas, sub, sub_prev = self.kept.index(t), self.betas, self.sub, self.sub_prev
         # posterior mean of q(x_{k-1} | x_k, x0) on the respaced chain
         coef_x0 = betas[k] * sub_prev[k].sqrt() / (1 - sub[k])
         coef_xt = (1 - sub_prev[k]) * (1 - betas[k]).sqrt() / (1 - sub[k])
-        x = coef_x0.float() * x0 + coef_xt.float() * chain.x
+        mean = coef_x0.float() * x0 + coef_xt.float() * chain.x
+        if k == 0:
+            return mean, None
         if var is not None:
             frac = (var + 1) / 2
             log_var = frac * torch.log(betas[k]).float() + (1 - frac) * self.post_log_clipped[k].float()
         else:
             log_var = torch.log(self.fixed_large[k]).float()  # a 0-dim tensor: it broadcasts on any device
-        if k > 0:
-            x = x + torch.exp(0.5 * log_var) * per_image_randn(x.shape[1:], chain.generators, x.device)
-        return x
+        return mean, torch.exp(0.5 * log_var)
+
+    def step(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
+             var: torch.Tensor | None) -> torch.Tensor:
+        return _draw_kernel(chain, *self.mean_std(chain, t, t_prev, eps, x0, var))
 
 
-Transition = DDIM | DDPM
+def _draw_kernel(chain: Chain, mean: torch.Tensor, std: torch.Tensor | None) -> torch.Tensor:
+    """A draw from N(mean, std^2), each chain's noise from its own generator (the mean itself when std is None)."""
+    if std is None:
+        return mean
+    return mean + std * per_image_randn(mean.shape[1:], chain.generators, mean.device)
+
+
+Transition = Any  # DDIM, DDPM, or a wrapper with their step(chain, t, t_prev, eps, x0, var) -> x_{t_prev}
 
 
 @torch.no_grad()

@@ -170,22 +170,34 @@ def head_guidance(inner: Denoiser, model: Model, guides: Sequence[Guide | Plugin
             with torch.no_grad():
                 return inner(x, t)
         a = abar[step].float()
-        with torch.enable_grad():
-            if grad == "full":
-                x_in = x.detach().requires_grad_(True)
-                eps, var = as_prediction(inner(x_in, t), x.shape[1])
-                x0 = head_input(eps_to_x0(x_in, t, eps, abar), clamp)  # Eq. 11
-                logp, _ = log_likelihood(model, guides, x0, indices, precision)
-                (g,) = torch.autograd.grad(logp.sum(), x_in)
-            else:
-                with torch.no_grad():
-                    eps, var = as_prediction(inner(x, t), x.shape[1])
-                x0 = eps_to_x0(x, t, eps, abar).requires_grad_(True)
-                logp, _ = log_likelihood(model, guides, head_input(x0, clamp), indices, precision)
-                (g,) = torch.autograd.grad(logp.sum(), x0)
-                g = g / a.sqrt()  # chain rule with eps held constant
+        (eps, var), _, g = guidance_gradient(inner, model, guides, x, t, indices, grad=grad, precision=precision,
+                                             clamp=clamp)
         if normalize:
             g = g / g.pow(2).mean(dim=tuple(range(1, g.ndim)), keepdim=True).sqrt().clamp(min=1e-12)
-        return Prediction(eps.detach() - lam * (1 - a).sqrt() * g, None if var is None else var.detach())  # Eq. 13
+        return Prediction(eps - lam * (1 - a).sqrt() * g, var)  # Eq. 13
 
     return denoise
+
+
+def guidance_gradient(inner: Denoiser, model: Model, guides: Sequence[Guide | PluginGuide], x: torch.Tensor,
+                      t: torch.Tensor, indices: Sequence[int], *, grad: str = "full", precision: str = "fp32",
+                      clamp: str = "pass") -> tuple[Prediction, torch.Tensor, torch.Tensor]:
+    """``inner``'s prediction at x_t, the guides' ``log p(y | features(x0_hat(x_t)))`` (N,) and its gradient with
+    respect to x_t, all detached. ``grad='full'`` differentiates through ``inner``; ``grad='x0'`` holds eps
+    constant, so the gradient is the one at x0_hat divided by sqrt(abar_t)."""
+    abar = model.abar
+    with torch.enable_grad():
+        if grad == "full":
+            x_in = x.detach().requires_grad_(True)
+            eps, var = as_prediction(inner(x_in, t), x.shape[1])
+            x0 = head_input(eps_to_x0(x_in, t, eps, abar), clamp)  # Eq. 11
+            logp, _ = log_likelihood(model, guides, x0, indices, precision)
+            (g,) = torch.autograd.grad(logp.sum(), x_in)
+        else:
+            with torch.no_grad():
+                eps, var = as_prediction(inner(x, t), x.shape[1])
+            x0 = eps_to_x0(x, t, eps, abar).requires_grad_(True)
+            logp, _ = log_likelihood(model, guides, head_input(x0, clamp), indices, precision)
+            (g,) = torch.autograd.grad(logp.sum(), x0)
+            g = g / abar[int(t[0])].float().sqrt()  # chain rule with eps held constant
+    return Prediction(eps.detach(), None if var is None else var.detach()), logp.detach(), g

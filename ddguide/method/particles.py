@@ -12,6 +12,12 @@ loop (``sampling.run_chain``):
   below K/2 (or at every evaluation with ``adaptive=False``) they are resampled (systematic resampling). No
   backward pass is needed; with ``--lambda > 0`` the Eq. 13 step is the proposal. At the end the particle with the
   highest final reward is kept.
+- **The twisted diffusion sampler** (TDS; Wu et al., NeurIPS 2023): K chains per image whose proposal shifts the
+  reverse kernel's mean by ``lambda * sigma_t^2 * grad log p~_t`` (the Eq. 13 direction) with the twist
+  ``p~_t(y | x_t) = p(y | features(x0_hat(x_t)))^scale``, weighted by the exact importance ratio
+  ``p(x_{t-1} | x_t) p~_{t-1}(y | x_{t-1}) / (q(x_{t-1} | x_t, y) p~_t(y | x_t))``, the last step's twist being the
+  heads' p(y | x_0) itself; resampled when the ESS falls below K/2. The image kept is drawn from the final
+  weights, so with many particles it is a sample of the model conditioned on the heads.
 - **Search over noise** (Ma et al., 2025): ``best-of-n`` draws N candidates and keeps the verifier's best;
   ``zero-order`` then draws N neighbours of the best starting noise on its sphere, a few rounds, keeping the best.
 
@@ -24,12 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ddguide.core.errors import UserError
-from ddguide.core.sampling import Chain
+from ddguide.core.sampling import Chain, Prediction, per_image_randn
 
 POTENTIALS = ("max", "diff", "sum")
 SEARCHES = ("best-of-n", "zero-order")
@@ -170,6 +176,127 @@ class Steering:
                 "ess_min": round(min(trace), 3) if trace else float(self.cfg.particles),
                 "ess_mean": round(sum(trace) / len(trace), 3) if trace else float(self.cfg.particles),
                 "chosen": int(self.chosen()[b])}
+
+
+TwistGradient = Callable[[torch.Tensor, torch.Tensor], tuple[Prediction, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Twisting:
+    """The twisted diffusion sampler over ``images x K`` chains: a denoiser wrapper that evaluates the twist and its
+    gradient at each x_t, and a transition wrapper that weighs, resamples and proposes.
+
+    ``twist(x, t) -> (prediction, log p, grad_x log p)`` is the guides' log-likelihood of x0_hat(x_t) with its
+    gradient (``guidance.guidance_gradient``); ``final(x0) -> (N,)`` is their log-likelihood of finished images.
+    ``cfg.scale`` is the twist's exponent, ``lam`` the proposal's step (1: TDS's own proposal; the weights are
+    exact for any). Per image the weights of its K chains are kept in log space (float64)."""
+
+    cfg: SteeringConfig
+    lam: float
+    twist: TwistGradient
+    final: Callable[[torch.Tensor], torch.Tensor]
+    indices: list[int]  # image index of every chain (each repeated K times)
+    resample_gens: list[torch.Generator]  # one per image
+    logw: torch.Tensor = field(init=False)
+    resamples: torch.Tensor = field(init=False)
+    ess_trace: list[torch.Tensor] = field(init=False, default_factory=list)
+    _at: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None)  # (log twist, its gradient)
+    _prev: torch.Tensor | None = field(init=False, default=None)  # the last step's log twist, per chain
+    _pending: torch.Tensor | None = field(init=False, default=None)  # log p/q of the last proposal, per chain
+    _chosen: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        n = len(self.indices) // self.cfg.particles
+        self.logw = torch.zeros(n, self.cfg.particles, dtype=torch.float64)
+        self.resamples = torch.zeros(n, dtype=torch.long)
+
+    def denoiser(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        """The inner prediction at x_t, unchanged; the twist and its gradient are kept for the transition."""
+        pred, logp, grad = self.twist(x, t)
+        self._at = (torch.nan_to_num(self.cfg.scale * logp.double(), nan=-math.inf).cpu(), self.cfg.scale * grad)
+        return pred
+
+    def wrap(self, transition: Any) -> _Twisted:
+        return _Twisted(self, transition)
+
+    def _weigh(self, twist: torch.Tensor) -> None:
+        """w_t = w_{t+1} * p(x_t | x_{t+1}) p~_t / (q(x_t | x_{t+1}) p~_{t+1}); the first weight is p~_T."""
+        if self._prev is None:
+            increment = twist
+        else:
+            increment = twist - self._prev + self._pending
+        self.logw = self.logw + torch.nan_to_num(increment, nan=-math.inf).view_as(self.logw)
+        if not bool(torch.isfinite(self.logw).any(dim=1).all()):
+            raise UserError("every particle of an image has weight 0 (the guiding heads' log-probabilities are "
+                            "-inf or NaN): check the heads and --potential-scale")
+
+    def _resample(self, t: int, chain: Chain, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Resample the chains of each image whose ESS is below K/2 (inside the window); ``rows`` (per-chain
+        tensors: eps, x0, the twist...) follow their chains."""
+        ess = effective_sample_size(self.logw)
+        self.ess_trace.append(ess)
+        if self.cfg.window is not None and not self.cfg.window[1] <= t <= self.cfg.window[0]:
+            return rows
+        k, order = self.cfg.particles, torch.arange(len(self.indices))
+        for b in range(self.logw.shape[0]):
+            if ess[b] >= k / 2:
+                continue
+            order[b * k:(b + 1) * k] = b * k + systematic_resample(self.logw[b], self.resample_gens[b])
+            self.logw[b] = torch.logsumexp(self.logw[b], 0) - math.log(k)  # equal weights, their mean kept
+            self.resamples[b] += 1
+        if bool((order == torch.arange(len(order))).all()):
+            return rows
+        chain.x[:] = chain.x[order.to(chain.x.device)]  # each slot keeps its own noise generator
+        return [r if r is None else r[order.to(r.device)] for r in rows]
+
+    def chosen(self) -> torch.Tensor:
+        """Per image, the particle kept: drawn from the final weights (a sample of the twisted target)."""
+        assert self._chosen is not None
+        return self._chosen
+
+    def summary(self, b: int) -> dict[str, float | int]:
+        """Index columns of image b: particles, resampling count, ESS trace summary, chosen particle."""
+        trace = [float(e[b]) for e in self.ess_trace]
+        return {"particles": self.cfg.particles, "resampled": int(self.resamples[b]),
+                "ess_min": round(min(trace), 3), "ess_mean": round(sum(trace) / len(trace), 3),
+                "chosen": int(self.chosen()[b])}
+
+
+@dataclass
+class _Twisted:
+    """A transition under TDS: weigh the chains at x_t, resample, then draw x_{t-1} from the twisted proposal
+    ``N(mean + lam sigma^2 grad, sigma^2)`` and keep ``log p/q`` of the draw for the next weight."""
+
+    tds: Twisting
+    inner: Any
+
+    @property
+    def steps(self) -> list[tuple[int, int]]:
+        return self.inner.steps
+
+    def step(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
+             var: torch.Tensor | None) -> torch.Tensor:
+        tds = self.tds
+        assert tds._at is not None, "the TDS transition runs after its denoiser"
+        twist, grad = tds._at
+        tds._weigh(twist)
+        eps, x0, var, grad, twist = tds._resample(t, chain, [eps, x0, var, grad, twist])
+        mean, std = self.inner.mean_std(chain, t, t_prev, eps, x0, var)
+        if std is None:  # the last step is deterministic: p and q agree
+            x, pending = mean, torch.zeros_like(twist)
+        else:
+            z = per_image_randn(mean.shape[1:], chain.generators, mean.device)
+            x = mean + tds.lam * std**2 * grad + std * z
+            # log N(x; mean, std^2) - log N(x; mean + lam std^2 grad, std^2), summed over each image's pixels
+            log_pq = -tds.lam * std * z * grad - 0.5 * (tds.lam * std * grad) ** 2
+            pending = log_pq.flatten(1).double().sum(dim=1).cpu()
+        tds._prev, tds._pending = twist, pending
+        if t_prev < 0:  # w_0 holds the heads' p(y | x_0) itself in place of the last twist
+            final = torch.nan_to_num(tds.cfg.scale * tds.final(x.clamp(-1, 1)).double().cpu(), nan=-math.inf)
+            tds._weigh(final)
+            tds._chosen = torch.stack([torch.multinomial(torch.softmax(w, 0), 1, generator=g)[0]
+                                       for w, g in zip(tds.logw, tds.resample_gens)])
+        return x
 
 
 def sphere_neighbours(z: torch.Tensor, step: float, generators: Sequence[torch.Generator]) -> torch.Tensor:

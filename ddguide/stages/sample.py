@@ -35,12 +35,22 @@ from ddguide.core.samples import (
     write_index,
     write_png,
 )
-from ddguide.core.sampling import Denoiser, StepHook, image_generators, per_image_randn, sample_ddim, sample_ddpm
+from ddguide.core.sampling import (
+    DDIM,
+    DDPM,
+    Denoiser,
+    StepHook,
+    Transition,
+    image_generators,
+    per_image_randn,
+    run_chain,
+)
 from ddguide.method.guidance import (
     Guide,
     classifier_free,
     classifier_free_uncond,
     conditional,
+    guidance_gradient,
     head_guidance,
     head_input,
     log_likelihood,
@@ -50,6 +60,7 @@ from ddguide.method.particles import (
     SEARCHES,
     Steering,
     SteeringConfig,
+    Twisting,
     particle_generators,
     particle_seed,
     sphere_neighbours,
@@ -58,7 +69,7 @@ from ddguide.method.plugins import PluginGuide, as_plugin, guide_weight, is_plug
 from ddguide.method.rejection import Rejector, check_threshold
 
 SAMPLERS = ("ddim", "ddpm")
-SMC = ("fk",)
+SMC = ("fk", "tds")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GUIDE_GRADS = ("full", "x0")
 Progress = Callable[[int, int], None]
@@ -101,7 +112,7 @@ class SampleConfig:
     reject: RejectSpec | None = None
     guide_every: int = 1  # guide every k-th sampling step
     particles: int = 1  # K chains per image (Feynman-Kac steering when K > 1)
-    smc: str | None = None  # "fk"
+    smc: str | None = None  # "fk" or "tds"
     potential: str = "max"
     potential_scale: float = 1.0
     resample_every: int = 5
@@ -161,6 +172,8 @@ class SampleConfig:
             raise UserError("--search and --particles need a head to score with: --guide HEAD or --verifier HEAD")
         if self.verifier and not (self.search or self.selecting):
             raise UserError("--verifier scores candidates or particles: give --search or --particles")
+        if self.smc == "tds":
+            self._validate_tds()
         for spec in self.verifier:
             check_guide_spec(spec)
 
@@ -168,6 +181,20 @@ class SampleConfig:
     def selecting(self) -> bool:
         """Whether particles are steered (K > 1 or --smc fk)."""
         return self.particles > 1 or self.smc is not None
+
+    def _validate_tds(self) -> None:
+        """TDS twists with the guides' gradient and weighs by a stochastic kernel's density."""
+        if not self.guides:
+            raise UserError("--smc tds twists the sampler with the --guide heads (differentiable): give --guide HEAD")
+        if self.verifier:
+            raise UserError("--smc tds weighs its particles by the --guide heads, its twist; --verifier is for "
+                            "--smc fk and --search")
+        if self.sampler == "ddim" and self.eta == 0:
+            raise UserError("--smc tds needs a stochastic sampler (its weights are ratios of the kernel's "
+                            "densities): --sampler ddpm, or --eta > 0 with ddim")
+        if self.guide_every > 1 or self.guide_window is not None or self.normalize_grad:
+            raise UserError("--guide-every, --guide-window and --normalize-grad do not apply to --smc tds (its "
+                            "twist is evaluated at every step and its weights need the plain gradient)")
 
     @property
     def eta_value(self) -> float:
@@ -311,17 +338,17 @@ def check_finite_images(x: torch.Tensor, indices: Sequence[int]) -> None:
 def draw(model: Model, den: Denoiser, indices: Sequence[int], seed: int, steps: Sequence[int],
          sampler: str = "ddim", eta: float = 0.0, callback: Callable[[int, int], None] | None = None,
          after_step: StepHook | None = None, generators: list[torch.Generator] | None = None,
-         x: torch.Tensor | None = None) -> torch.Tensor:
+         x: torch.Tensor | None = None, wrap: Callable[[Transition], Transition] | None = None) -> torch.Tensor:
     """Sample the images with the given indices; returns float (N, C, H, W) in [-1, 1]. ``generators`` (one per
-    chain; default: image k's ``seed + k``) draw the starting noise unless ``x`` gives it, and the steps' noise."""
+    chain; default: image k's ``seed + k``) draw the starting noise unless ``x`` gives it, and the steps' noise.
+    ``wrap`` wraps the sampler's transition (the twisted diffusion sampler weighs and proposes there)."""
     gens = generators if generators is not None else image_generators(seed, indices)
     size = model.image_size
     if x is None:
         x = per_image_randn((model.net.cfg.in_channels, size, size), gens, model.device)
-    if sampler == "ddim":
-        return sample_ddim(den, x, steps, model.abar, eta=eta, generators=gens, callback=callback,
-                           after_step=after_step)
-    return sample_ddpm(den, x, steps, model.abar, generators=gens, callback=callback, after_step=after_step)
+    transition = DDIM(model.abar, steps, eta) if sampler == "ddim" else DDPM(model.abar, steps)
+    return run_chain(den, x, wrap(transition) if wrap else transition, model.abar, generators=gens,
+                     callback=callback, after_step=after_step)
 
 
 def plain_denoiser(model: Model, precision: str = "fp32") -> Denoiser:
@@ -358,7 +385,7 @@ class Sampling:
             den = classifier_free(base, labels, null_class(model), cfg.cfg_scale)  # type: ignore[arg-type]
         else:
             den = conditional(base, labels)
-        if self.guides:
+        if self.guides and cfg.smc != "tds":  # TDS shifts the kernel's mean itself (method.particles.Twisting)
             guided = set(sorted(self.steps, reverse=True)[::cfg.guide_every]) if cfg.guide_every > 1 else None
             den = head_guidance(den, self.features, self.guides, cfg.lam, indices, grad=cfg.guide_grad,
                                 window=cfg.guide_window, precision=cfg.precision, only=guided,
@@ -377,6 +404,8 @@ class Sampling:
         chains, den = self._chains(indices, labels, k)
         if not cfg.selecting:
             return self._draw(den, chains, None, callback), [{} for _ in indices]
+        if cfg.smc == "tds":
+            return self._twisted(den, indices, chains, callback)
         steering = Steering(SteeringConfig(k, cfg.potential, cfg.potential_scale, cfg.resample_every,
                                            cfg.resample_window, cfg.adaptive), self.reward, chains,
                             [torch.Generator().manual_seed(particle_seed(cfg.seed, i, 0, stream=1)) for i in indices],
@@ -386,6 +415,27 @@ class Sampling:
         picked = torch.stack([x[b * k + int(chosen[b])] for b in range(len(indices))])
         return picked, [steering.summary(b) for b in range(len(indices))]
 
+    def _twisted(self, den: Denoiser, indices: list[int], chains: list[int],
+                 callback: Callable[[int, int], None] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The twisted diffusion sampler: K chains per image, the image drawn from their final weights."""
+        cfg, k = self.cfg, self.cfg.particles
+
+        def twist(x: torch.Tensor, t: torch.Tensor):
+            return guidance_gradient(den, self.features, self.guides, x, t, chains, grad=cfg.guide_grad,
+                                     precision=cfg.precision)
+
+        def final(x0: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return log_likelihood(self.features, self.guides, head_input(x0), chains, cfg.precision)[0]
+
+        tds = Twisting(SteeringConfig(k, scale=cfg.potential_scale, window=cfg.resample_window), cfg.lam, twist,
+                       final, chains, [torch.Generator().manual_seed(particle_seed(cfg.seed, i, 0, stream=1))
+                                       for i in indices])
+        x = self._draw(tds.denoiser, chains, particle_generators(cfg.seed, indices, k), callback, wrap=tds.wrap)
+        chosen = tds.chosen()
+        picked = torch.stack([x[b * k + int(chosen[b])] for b in range(len(indices))])
+        return picked, [tds.summary(b) for b in range(len(indices))]
+
     def _chains(self, indices: list[int], labels: list[int] | None, k: int) -> tuple[list[int], Denoiser]:
         """Image indices of k chains per image (image-major) and the denoiser composed for them."""
         chains = [i for i in indices for _ in range(k)]
@@ -394,10 +444,10 @@ class Sampling:
 
     def _draw(self, den: Denoiser, chains: list[int], generators: list[torch.Generator] | None,
               callback: Callable[[int, int], None] | None = None, after_step: StepHook | None = None,
-              x: torch.Tensor | None = None) -> torch.Tensor:
+              x: torch.Tensor | None = None, wrap: Callable[[Transition], Transition] | None = None) -> torch.Tensor:
         cfg = self.cfg
         return draw(self.model, den, chains, cfg.seed, self.steps, cfg.sampler, cfg.eta_value, callback, after_step,
-                    generators, x)
+                    generators, x, wrap)
 
     def reward(self, x0: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
         """sum_g w_g log p_g(y_g | features(x0)) of the verifiers: the potential of particles and candidates."""
