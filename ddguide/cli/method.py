@@ -150,7 +150,9 @@ def sample(
 @app.command(cls=ListCommand)
 @handle_errors
 def extract(
-    data: Annotated[Path, typer.Argument(help="Image folder (flat, or class sub-folders whose names are labels).")],
+    data: Annotated[Path, typer.Argument(help=(
+        "Image folder (flat, or class sub-folders whose names are labels). A 3-channel model reads grey images as "
+        "RGB; a 1-channel (grey) model refuses colour images."))],
     out: Annotated[Path, typer.Option(help="Features artifact to write (.safetensors).")],
     model: ModelOpt = None,
     timesteps: Annotated[list[str], typer.Option(metavar="T ...", help=(

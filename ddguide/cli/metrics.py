@@ -25,7 +25,8 @@ def fid_command(
     features: Annotated[str, typer.Option(
         help="inception (the standard FID; needs pytorch-fid's Inception weights), denoiser (mid-block features "
              "of --model at --timestep; offline, comparable only with itself) or auto (inception when its "
-             "weights are found).")] = "auto",
+             "weights are found). Inception reads grey images as RGB; denoiser features read images at --model's "
+             "channels (a 1-channel model refuses colour images).")] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option(
         help="pt_inception-2015-12-05-6726825d.pth or .safetensors (default: $DDGUIDE_INCEPTION_WEIGHTS, then "
              "$TORCH_HOME/hub/checkpoints/ where pytorch-fid keeps it).")] = None,

@@ -97,6 +97,10 @@ def train(
     init: Annotated[Optional[Path], typer.Option(
         help="Start from this model artifact's weights (same preset), e.g. to train the shipped model "
              "further.")] = None,
+    channels: Annotated[Optional[int], typer.Option(
+        help="Image channels of the model: 1 (grey) or 3 (RGB). Default: the --init model's, else 1 when every "
+             "image is grey (mode L, or RGB with R == G == B everywhere) and 3 otherwise; a 3-channel model reads "
+             "grey images as RGB, a 1-channel model refuses colour images.")] = None,
     p2_gamma: Annotated[float, typer.Option(
         help="Perception-prioritised weighting (Choi et al. 2022): weight each image's loss by "
              "1 / (k + SNR(t))^gamma, favouring the noisier steps that lay out content; 0 is plain L_simple, "
@@ -123,12 +127,14 @@ def train(
                           checkpoint_every=checkpoint_every, compile=compile_, p2_gamma=p2_gamma, p2_k=p2_k)
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, recipe=recipe, schedule=schedule,
                       init=str(init) if init else None, resize=resize, threads=threads, device=device,
-                      arch=_json_opt(arch, "--arch") or None)
+                      arch=_json_opt(arch, "--arch") or None, channels=channels)
     with progress_bar("training") as bar:
         path = run(cfg, progress=bar.update)
     if is_main_process():  # under torchrun, rank 0 wrote the model
-        out_console.print(f"wrote {path}")
-        report(out=path, steps=artifact_config(path).get("trained_steps"))
+        written = artifact_config(path)
+        in_channels = written.get("unet", {}).get("in_channels")
+        out_console.print(f"wrote {path} ({'grey, 1 channel' if in_channels == 1 else 'RGB, 3 channels'})")
+        report(out=path, steps=written.get("trained_steps"), channels=in_channels)
 
 
 # ----------------------------------------------------------------------------------------------- presets

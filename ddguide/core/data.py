@@ -71,13 +71,16 @@ def to_rgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
         raise UserError(f"{path}: image mode {im.mode} cannot be read as RGB ({e.__class__.__name__})") from None
 
 
-def load_image(path: str | os.PathLike, size: int | None = None, resize: str = "refuse") -> np.ndarray:
-    """An RGB image as uint8 (H, W, 3).
+def load_image(path: str | os.PathLike, size: int | None = None, resize: str = "refuse",
+               channels: int = 3) -> np.ndarray:
+    """An image as uint8 (H, W, channels): RGB for ``channels=3`` (grey repeated), grey for ``channels=1``.
 
     ``size`` asks for a square image of that side: ``resize='refuse'`` raises on any other size,
-    ``'resize'`` resizes with bicubic filtering (``'center-crop'`` crops to a square first).
+    ``'resize'`` resizes with bicubic filtering (``'center-crop'`` crops to a square first). A colour image read
+    for a 1-channel model is refused in one line (its colour would be lost without a word).
     """
     path = Path(path)
+    check_channels(channels)
     im = to_rgb(open_image(path), path)
     if size is not None and im.size != (size, size):
         if resize == "refuse":
@@ -89,12 +92,39 @@ def load_image(path: str | os.PathLike, size: int | None = None, resize: str = "
             im = im.crop((left, top, left + side, top + side))
         elif resize != "resize":
             raise UserError(f"unknown resize policy {resize!r} (refuse, resize, center-crop)")
-        im = im.resize((size, size), Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8)
+        im = im.resize((size, size), Image.BICUBIC)  # per channel: a grey image stays grey
+    rgb = np.asarray(im, dtype=np.uint8)  # (H, W, 3)
+    if channels == 3:
+        return rgb
+    if not is_grey(rgb):
+        raise UserError(f"{path}: a colour image, but the model reads 1-channel (grey) images")
+    return rgb[..., :1].copy()  # (H, W, 1)
+
+
+IMAGE_CHANNELS = (1, 3)  # grey or RGB: what a model reads and writes
+
+
+def check_channels(channels: int, what: str = "channels") -> int:
+    """``channels`` if a model can read images with that many (1 or 3), else one line."""
+    if channels not in IMAGE_CHANNELS:
+        raise UserError(f"{what} {channels}: images have 1 (grey) or 3 (RGB) channels")
+    return channels
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    """Whether uint8 (..., H, W, 3) images hold no colour: R == G == B at every pixel."""
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def first_colour(images: np.ndarray) -> int | None:
+    """The index of the first image of uint8 (N, H, W, 3) with colour in it, or None when all are grey."""
+    colour = (images[..., 0] != images[..., 1]).any(axis=(1, 2)) | (images[..., 1] != images[..., 2]).any(axis=(1, 2))
+    hits = np.flatnonzero(colour)
+    return int(hits[0]) if len(hits) else None
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) or (H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
+    """uint8 (N, H, W, C) or (H, W, C) -> float32 (N, C, H, W) in [-1, 1] (C = 1 for grey, 3 for RGB)."""
     if images.ndim == 3:
         images = images[None]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float()
@@ -102,7 +132,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -389,12 +419,13 @@ def labelled_images(root: str | os.PathLike, split: str = "train") -> Labelled:
 
 
 def load_images(files: list[Path], size: int, resize: str = "refuse",
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Images as one uint8 array (N, size, size, 3), filled in place (no second copy of a large set).
-    ``progress(done, total)`` is called every 1024 images only, so small sets that fail show no progress bar."""
-    out = np.empty((len(files), size, size, 3), np.uint8)
+                progress: Callable[[int, int], None] | None = None, channels: int = 3) -> np.ndarray:
+    """Images as one uint8 array (N, size, size, channels), filled in place (no second copy of a large set); see
+    :func:`load_image` for ``channels``. ``progress(done, total)`` is called every 1024 images only, so small sets
+    that fail show no progress bar."""
+    out = np.empty((len(files), size, size, check_channels(channels)), np.uint8)
     for i, f in enumerate(files):
-        out[i] = load_image(f, size, resize)
+        out[i] = load_image(f, size, resize, channels)
         if progress and (i + 1) % 1024 == 0:
             progress(i + 1, len(files))
     return out

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ddguide.core import artifacts
-from ddguide.core.data import inside, load_image
+from ddguide.core.data import inside, load_image, open_image
 from ddguide.core.errors import UserError
 
 INDEX = "index.csv"
@@ -97,18 +97,22 @@ def image_name(k: int) -> str:
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
+    """A uint8 image (H, W, 3) as an RGB PNG, or (H, W, 1) / (H, W) as a grey one (mode L)."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(buf, format="PNG")
     artifacts.atomic_write_bytes(path, buf.getvalue())
 
 
 def write_grid(path: Path, images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2) -> None:
-    """Images (H, W, 3) uint8 tiled row-major on a white background."""
+    """Images (H, W, C) uint8 tiled row-major on a white background: a grey grid when every image is grey
+    (C = 1), else RGB (grey images repeated)."""
     n = len(images)
     cols = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
+    images = [im[..., None] if im.ndim == 2 else im for im in images]
     h, w = images[0].shape[:2]
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    channels = max(im.shape[2] for im in images)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, channels), 255, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
@@ -127,9 +131,15 @@ def write_index(folder: Path, rows: list[dict[str, Any]], name: str = INDEX) -> 
 def write_folder_tables(folder: Path, rows: list[dict[str, Any]], images: Sequence[np.ndarray] | None = None) -> None:
     """The index and the grid of a folder whose images are written (the grid from ``images`` or read back)."""
     write_index(folder, rows)
-    shown = list(images[:GRID_IMAGES]) if images is not None else [load_image(folder / r["file"])
+    shown = list(images[:GRID_IMAGES]) if images is not None else [read_shown(folder / r["file"])
                                                                       for r in rows[:GRID_IMAGES]]
     write_grid(folder / GRID, shown)
+
+
+def read_shown(path: Path) -> np.ndarray:
+    """An image of a samples folder as the grid shows it: (H, W, 1) for a grey PNG, else (H, W, 3)."""
+    grey = open_image(path).mode in ("L", "LA", "I;16", "I;16B", "I;16L", "I", "1")
+    return load_image(path, channels=1 if grey else 3)
 
 
 def part_name(rank: int, world: int) -> str:
@@ -144,7 +154,7 @@ def merge_shards(out: Path, world: int) -> bool:
         return False
     rows = sorted((row for p in parts for row in _part_rows(p)), key=lambda r: int(r["index"]))
     write_index(out, rows)
-    images = [np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rows[:GRID_IMAGES]]
+    images = [read_shown(out / r["file"]) for r in rows[:GRID_IMAGES]]
     write_grid(out / GRID, images)
     return True
 

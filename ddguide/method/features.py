@@ -64,12 +64,12 @@ class FeatureSpec:
 
 
 def compute(model: Model, x: torch.Tensor, spec: FeatureSpec, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Features of images ``x`` (N, 3, H, W) in [-1, 1] as ``{key: (N, C, h, w)}``, all timesteps in one pass.
+    """Features of images ``x`` (N, C, H, W) in [-1, 1] as ``{key: (N, C, h, w)}``, all timesteps in one pass.
 
     Differentiable in ``x`` (guidance backpropagates through it); ``indices`` seed the fixed noise.
     """
     n, steps = len(x), len(spec.timesteps)
-    xs = x.repeat(steps, 1, 1, 1)  # (T*N, 3, H, W), timestep-major
+    xs = x.repeat(steps, 1, 1, 1)  # (T*N, C, H, W), timestep-major
     t = torch.tensor(spec.timesteps, device=x.device).repeat_interleave(n)  # (T*N,)
     if spec.noise == "fixed":
         gens = image_generators(spec.seed, indices)
@@ -85,7 +85,7 @@ class Features:
 
     spec: FeatureSpec
     taps: dict[str, torch.Tensor]
-    images: torch.Tensor  # uint8 (N, H, W, 3)
+    images: torch.Tensor  # uint8 (N, H, W, C): C = 3, or 1 for a grey model
     labels: torch.Tensor | None
     masks: torch.Tensor | None
     meta: artifacts.FeaturesMeta
@@ -105,13 +105,14 @@ def load_features(path: str | Path) -> Features:
 
 def check_features(art: artifacts.Artifact) -> tuple[artifacts.FeaturesMeta, FeatureSpec]:
     """A features artifact's contract: its typed config and spec, every tap of the spec, one row per image in
-    every tensor, uint8 (N, H, W, 3) images, labels and mask ids that are whole numbers >= 0."""
+    every tensor, uint8 (N, H, W, C) images (C = 1 or 3), labels and mask ids that are whole numbers >= 0."""
     path, t = art.path, art.tensors
     meta = artifacts.FeaturesMeta.from_metadata(art.config, path)
     spec = FeatureSpec.from_dict(meta.spec, where=f"{path}: feature spec")
     images = t.get("images")
     size = meta.image_size
-    if images is None or images.dtype != torch.uint8 or tuple(images.shape[1:]) != (size, size, 3):
+    if images is None or images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:3]) != (size, size) \
+            or images.shape[3] not in (1, 3):
         raise UserError(f"{path}: features artifact without uint8 images of {size}x{size}")
     n = len(images)
     missing = [k for k in spec.keys() if k not in t]

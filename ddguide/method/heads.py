@@ -90,19 +90,19 @@ class RejectionHead(nn.Module):
 
 
 class PixelHead(ClassifierHead):
-    """The DDIM-I baseline: the same small CNN, on RGB pixels in [-1, 1]."""
+    """The DDIM-I baseline: the same small CNN, on pixels in [-1, 1] (3 channels, or 1 for a grey model)."""
 
-    def __init__(self, classes: int, width: int = 32):
-        super().__init__(3, classes, width)
+    def __init__(self, classes: int, width: int = 32, channels: int = 3):
+        super().__init__(channels, classes, width)
 
 
 class PixelSegmentationHead(nn.Module):
-    """The DDIM-I baseline for masks: a small fully convolutional network on RGB pixels."""
+    """The DDIM-I baseline for masks: a small fully convolutional network on pixels (RGB, or grey)."""
 
-    def __init__(self, classes: int, width: int = 64):
+    def __init__(self, classes: int, width: int = 64, channels: int = 3):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.GroupNorm(8, width), nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.GroupNorm(8, width), nn.SiLU(),
             nn.Conv2d(width, classes, 1),
@@ -129,7 +129,8 @@ class Head(nn.Module):
         elif cfg.kind == "rejection":
             self.net = RejectionHead(cfg.in_channels, k)
         elif cfg.kind == "pixel":
-            self.net = PixelSegmentationHead(k) if cfg.dense else PixelHead(k)
+            channels = cfg.in_channels  # the image channels of the model whose samples it reads
+            self.net = PixelSegmentationHead(k, channels=channels) if cfg.dense else PixelHead(k, channels=channels)
         else:
             raise UserError(f"unknown head kind {cfg.kind!r} (choose from {', '.join(KINDS)})")
         self.spec = FeatureSpec.from_dict(cfg.spec) if cfg.spec else None
@@ -194,10 +195,14 @@ def head_config(config: dict[str, Any], path: str | Path) -> HeadConfig:
     return cfg
 
 
-def check_compatible(head: Head, fingerprint: str, model_path: str | Path | None) -> None:
+def check_compatible(head: Head, fingerprint: str, model_path: str | Path | None, channels: int | None = None) -> None:
     """A head trained on one model's features must never guide another model: the refusal names the head's
-    file and the model's (``model_path``; None, or the package's own file, is "the shipped model")."""
+    file and the model's (``model_path``; None, or the package's own file, is "the shipped model"). A pixel head
+    fits any model whose images have its channels (``channels``: the model's, when known)."""
     if head.reads_pixels:
+        if channels is not None and channels != head.cfg.in_channels:
+            raise UserError(f"{head.path or 'the head'}: a pixel head of {head.cfg.in_channels}-channel images, "
+                            f"{_model_name(model_path)} makes {channels}-channel images")
         return
     artifacts.check_fingerprint(head.fingerprint, fingerprint, consumer=head.path or "the head",
                                 source=_model_name(model_path))

@@ -42,6 +42,11 @@ class Rejector:
         check_compatible(head, model.fingerprint, model_path)
         return cls(head, model)
 
+    @property
+    def channels(self) -> int:
+        """The image channels its model reads (1: grey, 3: RGB)."""
+        return self.model.net.cfg.in_channels
+
     def class_index(self, name: str) -> int:
         if name not in self.head.cfg.classes:
             raise UserError(f"class {name!r} is not among the rejection head's classes "
@@ -50,7 +55,7 @@ class Rejector:
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, targets: Sequence[int], indices: Sequence[int]) -> torch.Tensor:
-        """p(target) for uint8 images (N, H, W, 3)."""
+        """p(target) for uint8 images (N, H, W, C), C the model's channels."""
         size = self.head.cfg.image_size
         if images.shape[1:3] != (size, size):
             raise UserError(f"images are {images.shape[2]}x{images.shape[1]}, the head expects {size}x{size}")

@@ -219,11 +219,13 @@ def compute_stats(
     moments = _Moments()
     starts = list(range(0, n, batch))
     with ThreadPoolExecutor(max_workers=1) as reader:  # decode the next batch while this one runs
-        pending = reader.submit(_load_batch, images, 0, min(batch, n), size, resize)
+        channels = extractor.channels  # grey files are read as RGB for Inception, as grey for a 1-channel model
+        pending = reader.submit(_load_batch, images, 0, min(batch, n), size, resize, channels)
         for start in starts:
             groups = pending.result()
             if start + batch < n:
-                pending = reader.submit(_load_batch, images, start + batch, min(start + 2 * batch, n), size, resize)
+                pending = reader.submit(_load_batch, images, start + batch, min(start + 2 * batch, n), size, resize,
+                                        channels)
             for x in groups:
                 with torch.inference_mode(), runtime.autocast(device, precision):
                     feats = extractor(x.to(device))  # (B, D)
@@ -235,11 +237,13 @@ def compute_stats(
                     source=label)
 
 
-def _load_batch(images, start: int, stop: int, size: int | None, resize: str) -> list[torch.Tensor]:
-    """One batch as float tensors in [-1, 1]; images of different sizes come back as separate groups."""
+def _load_batch(images, start: int, stop: int, size: int | None, resize: str,
+                channels: int = 3) -> list[torch.Tensor]:
+    """One batch as float tensors (B, channels, H, W) in [-1, 1]; images of different sizes come back as separate
+    groups."""
     if isinstance(images, torch.Tensor):
         return [images[start:stop].float()]
-    arrays = [load_image(p, size, resize) for p in images[start:stop]]
+    arrays = [load_image(p, size, resize, channels) for p in images[start:stop]]
     groups: dict[tuple[int, ...], list[np.ndarray]] = {}
     for a in arrays:
         groups.setdefault(a.shape, []).append(a)
@@ -308,10 +312,11 @@ def check_comparable(a: FidStats, b: FidStats) -> None:
 
 class FeatureExtractor:
     """What :func:`compute_stats` needs: ``name``, ``dim``, ``fingerprint``, ``config``, ``input_size`` and
-    ``__call__(x)`` mapping images (N, 3, H, W) in [-1, 1] to features (N, dim)."""
+    ``__call__(x)`` mapping images (N, channels, H, W) in [-1, 1] to features (N, dim)."""
 
     name: str
     dim: int
+    channels: int = 3  # the image channels it reads (files are read with as many)
     fingerprint: str = ""
     config: dict[str, Any] = {}
     input_size: int | None = None  # images must have this side (None: any size)
@@ -342,6 +347,8 @@ class InceptionFeatures(FeatureExtractor):
                        "resize": "bilinear 299x299"}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:  # grey images, as RGB with R = G = B
+            x = x.expand(-1, 3, -1, -1)
         return self.net(x.float())  # (N, 2048)
 
 
@@ -360,6 +367,8 @@ class DenoiserFeatures(FeatureExtractor):
         self.model = model.to(self.device).eval()
         self.timestep, self.block = int(timestep), block
         self.input_size = image_size or getattr(model, "image_size", None)
+        cfg = getattr(getattr(model, "net", None), "cfg", None)
+        self.channels = int(getattr(cfg, "in_channels", 3))  # a 1-channel model is fed grey images
         self.fingerprint = fingerprint if fingerprint is not None else getattr(model, "fingerprint", "")
         self.name = f"denoiser-{block}-t{self.timestep}"
         self.config = {"block": block, "timestep": self.timestep, "noise": "none", "pool": "spatial mean"}
@@ -371,7 +380,7 @@ class DenoiserFeatures(FeatureExtractor):
             return int(net.block_channels(self.block))
         side = self.input_size or 32
         with torch.inference_mode():
-            return int(self(torch.zeros(1, 3, side, side, device=self.device)).shape[1])
+            return int(self(torch.zeros(1, self.channels, side, side, device=self.device)).shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)  # T_f for every image

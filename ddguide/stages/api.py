@@ -110,7 +110,7 @@ def sample(n: int = 16, *, model: str | os.PathLike | Model | None = None, guide
     if output == "pil":
         from PIL import Image
 
-        return [Image.fromarray(image) for image in result.images]
+        return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in result.images]
     return result
 
 

@@ -105,7 +105,9 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     rank, world = process_shard()
     lo, hi = shard_bounds(n)
     dtype = torch.float16 if cfg.storage == "fp16" else torch.float32
-    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((hi - lo, size, size, 3), torch.uint8)}
+    channels = model.net.cfg.in_channels  # a 1-channel model reads and stores grey images
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((hi - lo, size, size, channels),
+                                                                         torch.uint8)}
     for t in spec.timesteps:
         for b in spec.blocks:
             side = size // model.net.block_downsampling(b)
@@ -119,7 +121,8 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         for k, v in targets.items():
             writer.write(k, 0, v[lo:hi])
         for start in range(lo, hi, cfg.batch):
-            batch = np.stack([load_image(f, size, cfg.resize) for f in files[start:min(start + cfg.batch, hi)]])
+            batch = np.stack([load_image(f, size, cfg.resize, channels)
+                              for f in files[start:min(start + cfg.batch, hi)]])
             x = to_tensor(batch).to(device)
             with torch.no_grad(), autocast(device, cfg.precision):
                 feats = compute(model, x, spec, range(start, start + len(batch)))  # noise follows the image index

@@ -22,7 +22,7 @@ from ddguide.core.runtime import (
     resolve_device,
     shard_bounds,
 )
-from ddguide.core.samples import GRID, GRID_IMAGES, read_samples, write_grid, write_index
+from ddguide.core.samples import GRID, GRID_IMAGES, read_samples, read_shown, write_grid, write_index
 from ddguide.method.rejection import Rejector, check_threshold
 
 Progress = Callable[[int, int], None]
@@ -62,7 +62,7 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
     probs: list[float] = []
     for start in range(lo, hi, cfg.batch):
         chunk = rows[start:min(start + cfg.batch, hi)]
-        images = np.stack([load_image(f) for f in files[start:start + len(chunk)]])
+        images = np.stack([load_image(f, channels=rejector.channels) for f in files[start:start + len(chunk)]])
         with autocast(device, cfg.precision):
             probs += rejector.probabilities(images, targets[start:start + len(chunk)],
                                             [r.number(start + i)
@@ -84,7 +84,7 @@ def filter_folder(cfg: FilterConfig, progress: Progress | None = None) -> Filter
         barrier(device)
         if is_main_process():
             write_index(stage, keep)
-            write_grid(stage / GRID, [load_image(stage / r["file"]) for r in keep[:GRID_IMAGES]])
+            write_grid(stage / GRID, [read_shown(stage / r["file"]) for r in keep[:GRID_IMAGES]])
         barrier(device)  # every rank returns once the index exists
     per_class: dict[str, tuple[int, int]] = {}
     for r, p in zip(rows, probs):

@@ -101,7 +101,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> Path:
 
     def read() -> tuple[torch.Tensor, Labels]:
         report = (lambda done, total: progress(done, total, "reading images")) if progress else None
-        images = torch.from_numpy(load_images(files, base.image_size, cfg.resize, report))  # (N, H, W, 3) uint8
+        channels = base.net.cfg.in_channels  # a 1-channel model reads grey images, a 3-channel one RGB
+        images = torch.from_numpy(load_images(files, base.image_size, cfg.resize, report, channels))  # (N, H, W, C)
         labels = torch.tensor(labels_list, dtype=torch.long)  # (N,)
         return images, lambda idx, g: drop_labels(labels[idx], cfg.label_dropout, null, g)
 

@@ -276,7 +276,7 @@ def check_guides(guides: Sequence[Guide | PluginGuide], model: Model, sampled: M
         if not g.head.reads_pixels and g.head.fingerprint == lineage and g.head.fingerprint != model.fingerprint:
             raise UserError(f"{g.head.path}: reads the features of model {lineage}, which {model.source_path} was "
                             f"fine-tuned from; pass that model with --guide-model")
-        check_compatible(g.head, model.fingerprint, model.source_path)
+        check_compatible(g.head, model.fingerprint, model.source_path, model.net.cfg.in_channels)
         if g.head.cfg.image_size != model.image_size:
             raise UserError(f"{g.head.path}: trained on {g.head.cfg.image_size} px images, the model makes "
                             f"{model.image_size} px")
@@ -722,7 +722,7 @@ def generate(cfg: SampleConfig, progress: Progress | None = None, model: Model |
 def _gathered(run: Sampling, quotas: Quotas, parts: list[Batch]) -> Generated:
     size, channels = run.model.image_size, run.model.net.cfg.in_channels
     x = torch.cat([b.x.cpu() for b in parts]) if parts else torch.zeros(0, channels, size, size)
-    images = np.concatenate([b.images for b in parts]) if parts else np.zeros((0, size, size, 3), np.uint8)
+    images = np.concatenate([b.images for b in parts]) if parts else np.zeros((0, size, size, channels), np.uint8)
     return Generated(x, images, [r for b in parts for r in b.rows], sum(b.drawn for b in parts),
                      _per_class(run, quotas))
 

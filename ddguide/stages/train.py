@@ -17,7 +17,7 @@ import torch
 
 from ddguide.core import artifacts
 from ddguide.core.checkpoint import checkpoint_path
-from ddguide.core.data import list_images, load_image
+from ddguide.core.data import check_channels, first_colour, list_images, load_image
 from ddguide.core.diffusion import DiffusionConfig
 from ddguide.core.errors import UserError
 from ddguide.core.presets import get_preset
@@ -44,6 +44,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     arch: dict[str, Any] | None = None  # U-Net options replacing the preset's (`train --arch JSON`)
+    channels: int | None = None  # 1 (grey) or 3 (RGB); None: --arch's or --init's, else found from the images
 
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree with to be resumed: not the device, nor the step count unless the
@@ -51,13 +52,24 @@ class TrainConfig:
         keep = ["data", "preset", "batch", "lr", "warmup", "ema_decay", "grad_clip", "schedule", "seed"]
         # `init` joined later: leaving it out when unset keeps older checkpoints resumable
         optional = [k for k in ("init", "arch") if getattr(self, k) is not None]  # joined later: older
-        return run_identity(self, keep + optional + self.recipe.optional_keys())  # checkpoints stay resumable
+        optional += ["channels"] if self.channels == 1 else []  # checkpoints stay resumable
+        return run_identity(self, keep + optional + self.recipe.optional_keys())
 
 
-def load_dataset(folder: str, size: int, resize: str) -> torch.Tensor:
-    """All training images as uint8 (N, H, W, 3); training sets here are small (10k images = 30 MB)."""
+def load_dataset(folder: str, size: int, resize: str, channels: int | None = 3) -> tuple[torch.Tensor, int]:
+    """All training images as uint8 (N, H, W, C) and C; training sets here are small (10k images = 30 MB).
+
+    ``channels=None`` picks 1 when every image is grey (mode L, or RGB with R == G == B everywhere), else 3; a
+    colour image in a 1-channel set is refused in one line naming it. A 3-channel model reads grey images as RGB."""
     files = list_images(folder)
-    return torch.from_numpy(np.stack([load_image(f, size, resize) for f in files]))
+    rgb = np.stack([load_image(f, size, resize) for f in files])  # (N, H, W, 3)
+    colour = first_colour(rgb)
+    if channels is None:
+        channels = 3 if colour is not None else 1
+    if channels == 1 and colour is not None:
+        raise UserError(f"{files[colour]}: a colour image, but the model trains on 1-channel (grey) images "
+                        "(leave --channels out, or pass --channels 3, to train on colour)")
+    return torch.from_numpy(np.ascontiguousarray(rgb[..., :channels])), channels
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
@@ -65,16 +77,47 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     cfg.recipe.validate()
     preset = get_preset(cfg.preset)
     unet = architecture(preset.unet, cfg.arch)
+    images = None
+    channels = requested_channels(cfg, unet)
+    if channels is None:  # found from the images: they are read before the network is built
+        images, channels = load_dataset(cfg.data, unet.image_size, cfg.resize, None)
+    cfg, unet = replace(cfg, channels=channels), with_channels(unet, channels)
     diffusion = DiffusionConfig(preset.diffusion.steps, cfg.schedule or preset.diffusion.schedule,
                                 preset.diffusion.rescale_timesteps)
     device = setup_device(cfg.device, cfg.threads)
     net = initial_net(unet, cfg.recipe.seed)
     if cfg.init:
         _warm_start(net, cfg.init)
+
+    def read() -> tuple[torch.Tensor, None]:
+        data = images if images is not None else load_dataset(cfg.data, unet.image_size, cfg.resize, channels)[0]
+        return data, None
+
     ema, state = fit(net.to(device), diffusion, cfg.recipe, checkpoint_path(cfg.out), cfg.identity(),
-                     torch.Generator().manual_seed(cfg.recipe.seed),
-                     lambda: (load_dataset(cfg.data, unet.image_size, cfg.resize), None), device, progress)
+                     torch.Generator().manual_seed(cfg.recipe.seed), read, device, progress)
     return write_model(cfg.out, unet, diffusion, ema, state, {"preset": cfg.preset, "train": flat_config(cfg)})
+
+
+def requested_channels(cfg: TrainConfig, unet: UNetConfig) -> int | None:
+    """The image channels asked for: ``--channels``, else ``--arch``'s ``in_channels``, else the ``--init``
+    model's; None when the images decide."""
+    arch = (cfg.arch or {}).get("in_channels")
+    if cfg.channels is not None:
+        check_channels(cfg.channels, "--channels")
+        if arch is not None and arch != cfg.channels:
+            raise UserError(f"--channels {cfg.channels} disagrees with --arch's in_channels {arch}")
+        return cfg.channels
+    if arch is not None:
+        return check_channels(unet.in_channels, "--arch in_channels")
+    if cfg.init:
+        unet_cfg = artifacts.describe(cfg.init, "model").config.get("unet")
+        init = unet_cfg.get("in_channels") if isinstance(unet_cfg, dict) else None
+        return init if init in (1, 3) else None  # anything else is refused by the warm start
+
+
+def with_channels(unet: UNetConfig, channels: int) -> UNetConfig:
+    """``unet`` reading and writing images of ``channels`` (a learned variance keeps one value per channel)."""
+    return replace(unet, in_channels=channels, out_channels=2 * channels if unet.learn_sigma else channels)
 
 
 def architecture(base: UNetConfig, arch: dict[str, Any] | None) -> UNetConfig:
@@ -110,5 +153,8 @@ def _warm_start(net: UNetModel, path: str) -> None:
     """Continue from a model artifact of the same architecture (e.g. the shipped model) with a new optimiser."""
     art = artifacts.load(path, "model")
     if art.config.get("unet") != net.cfg.to_dict():
+        found = art.config["unet"].get("in_channels") if isinstance(art.config.get("unet"), dict) else None
+        if found in (1, 3) and found != net.cfg.in_channels:
+            raise UserError(f"{path}: --init has {found} image channel(s), this run trains {net.cfg.in_channels}")
         raise UserError(f"{path}: --init needs a model of the same architecture as preset {net.cfg}")
     net.load_state_dict(art.tensors)

@@ -139,7 +139,7 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
     x, spec = _inputs(feats, cfg, normalize)
     n = len(y)
     train_idx, val_idx = _split(n, cfg.val_fraction, cfg.seed)
-    in_channels = 3 if spec is None else sum(feats.taps[k].shape[1] for k in spec.keys())
+    in_channels = feats.images.shape[3] if spec is None else sum(feats.taps[k].shape[1] for k in spec.keys())
     dense = y.ndim == 3  # (N, H, W) masks
     head_cfg = HeadConfig(kind=cfg.kind, classes=classes, spec=spec.to_dict() if spec else None,
                           in_channels=in_channels, image_size=feats.meta.image_size, normalize=normalize,
@@ -225,7 +225,7 @@ def _derived_seed(seed: int, purpose: str) -> int:
 
 
 def _pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] on ``device``."""
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1] on ``device``."""
     return (images.permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
 
 
@@ -264,7 +264,7 @@ def x0_augmented(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Mo
             return x
         pick = torch.randperm(len(idx), generator=gen)[:k]
         t = torch.randint(0, t_max + 1, (k,), generator=gen)
-        noise = torch.randn((k, 3, size, size), generator=gen)
+        noise = torch.randn((k, feats.images.shape[3], size, size), generator=gen)
         x[pick] = x0_hat_inputs(model, feats, spec, idx[pick], t, noise, normalize=normalize, precision=precision)
         return x
 
@@ -282,7 +282,8 @@ def x0_metrics(head: Head, model: Model, feats: Features, precision: str = "fp32
     if not len(val_idx) or head.spec is None:
         return {}
     gen = torch.Generator().manual_seed(_derived_seed(int(train.get("seed", 0)), "x0-eval"))
-    noise = torch.randn((len(val_idx), 3, feats.meta.image_size, feats.meta.image_size), generator=gen)
+    noise = torch.randn((len(val_idx), feats.images.shape[3], feats.meta.image_size, feats.meta.image_size),
+                        generator=gen)
     scores = []
     for fraction in X0_EVAL_FRACTIONS:
         t = torch.full((len(val_idx),), int(fraction * model.diffusion.steps))

@@ -39,7 +39,7 @@ from ddguide.core.unet import UNetConfig, UNetModel
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
 Labels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # batch indices -> class ids for the batch
-Reader = Callable[[], tuple[torch.Tensor, Labels | None]]  # -> uint8 (N, H, W, 3) images, labels or None
+Reader = Callable[[], tuple[torch.Tensor, Labels | None]]  # -> uint8 (N, H, W, C) images, labels or None
 OnCheckpoint = Callable[[dict[str, torch.Tensor], "RunState"], None]  # (EMA weights, state) after each save
 
 
@@ -135,7 +135,7 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     so a stopped run can be written as a model.
 
     ``identity`` is what a checkpoint must match to be resumed. ``read`` gives the training images as
-    uint8 (N, H, W, 3) and, for a class-conditional net, a function drawing each batch's labels; it is called
+    uint8 (N, H, W, C) and, for a class-conditional net, a function drawing each batch's labels; it is called
     after the checkpoint is accepted, so a refused run reads no images. Each step draws, in this order, the
     batch indices, the labels, t and the noise from ``gen``: a resumed run continues the same sequence.
 
@@ -169,7 +169,7 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     while state.step < recipe.steps:
         # Train.
         idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
+        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, C, H, W) in [-1, 1]
         y = labels(idx, gen).to(device) if labels else None  # (B,) or None
         t = torch.randint(0, diffusion.steps, (batch,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
