@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up ddguide from a clone: a virtual environment, torch 2.13.0 and ddguide itself (editable, with the test extra).
+# Set up ddguide from a clone: a virtual environment, torch 2.13.0 and ddguide itself (editable, with the test extra
+# and the diffusers extra, whose tests read diffusers model folders).
 #
 #   ./install.sh                       .venv (made here unless a virtual environment is active, then that one),
 #                                      torch's CUDA build when `nvidia-smi` works, its CPU build otherwise
@@ -52,7 +53,7 @@ elif ! "$PY" -m pip install "torch==$TORCH_VERSION+cpu"; then
     "$PY" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
 fi
 
-# 3. ddguide, editable, with the test extra
-"$PY" -m pip install -e ".[dev]"
+# 3. ddguide, editable, with the test extra and diffusers (by name from the configured package sources)
+"$PY" -m pip install -e ".[dev,diffusers]"
 
 echo "install.sh: done ($VARIANT build of torch): $("$PY" -c 'import torch; print("torch", torch.__version__)'); run $(dirname "$PY")/ddguide" >&2

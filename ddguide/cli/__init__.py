@@ -92,7 +92,8 @@ def _precision(precision: str, device: str, compile: bool = False) -> str:
     dev = resolve_device(device)
     _run.precision_note = describe_precision(precision, dev, compile=compile)
     return resolve_precision(precision, dev, compile=compile)
-ModelOpt = Annotated[Optional[Path], typer.Option(help="Model artifact (default: the model shipped with ddguide).")]
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    help="Model artifact, or a diffusers UNet2DModel folder (default: the model shipped with ddguide).")]
 
 
 class _Run:

@@ -33,7 +33,10 @@ from ddguide.core.errors import UserError
 @app.command(cls=ListCommand)
 @handle_errors
 def convert(
-    checkpoint: Annotated[Path, typer.Argument(help="openai improved-/guided-diffusion .pt, or .safetensors.")],
+    checkpoint: Annotated[Path, typer.Argument(help=(
+        "openai improved-/guided-diffusion .pt, or .safetensors; or a diffusers UNet2DModel folder (config.json, "
+        "diffusion_pytorch_model.safetensors, and scheduler_config.json beside it or in ../scheduler/; needs "
+        "diffusers)."))],
     out: Annotated[Path, typer.Option(help="Model artifact to write (.safetensors).")],
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (default: from the file name).")] = None,
     arch: Annotated[Optional[str], typer.Option(
@@ -43,7 +46,7 @@ def convert(
         help='Diffusion settings as JSON, e.g. \'{"steps": 4000, "schedule": "cosine", '
              '"rescale_timesteps": true}\'.')] = None,
 ) -> None:
-    """Convert a published checkpoint into a ddguide model artifact."""
+    """Convert a published checkpoint or a diffusers UNet2DModel folder into a ddguide model artifact."""
     from ddguide.stages.convert import ConvertConfig
     from ddguide.stages.convert import convert as run
 

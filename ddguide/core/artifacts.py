@@ -387,24 +387,29 @@ def _fields_of(meta: Any) -> dict[str, Any]:
     return {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
 
 
+NETWORKS = ("diffusers",)  # networks a model artifact may name besides ddguide's own ADM U-Net
+
+
 @typed_config("model")
 @dataclass(frozen=True)
 class ModelMeta:
     """A model's config: its U-Net and diffusion sections, its class names (None: unconditional), whether its
     last class-embedding row is a null class (``null_class``: true for ``finetune``'s models, false for converted
-    class-conditional checkpoints; None where the file does not say) and whatever its writer records about where
-    it came from (``preset``, ``train``, ``finetune``, ``trained_steps``, ``finetuned_from``, ``converted_from``
-    ...), all stored side by side in one JSON object."""
+    class-conditional checkpoints; None where the file does not say), which network the ``unet`` section
+    describes (``network``: None for ddguide's ADM U-Net, ``diffusers`` for a diffusers ``UNet2DModel`` config)
+    and whatever its writer records about where it came from (``preset``, ``train``, ``finetune``,
+    ``trained_steps``, ``finetuned_from``, ``converted_from`` ...), all stored side by side in one JSON object."""
 
     KIND: ClassVar[str]
     unet: dict[str, Any]
     diffusion: dict[str, Any]
     classes: list[str] | None = None
     null_class: bool | None = None
+    network: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
-    SECTIONS: ClassVar[tuple[str, ...]] = ("unet", "diffusion", "classes", "null_class")
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("null_class",)  # left out of the file when None
+    SECTIONS: ClassVar[tuple[str, ...]] = ("unet", "diffusion", "classes", "null_class", "network")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("null_class", "network")  # left out of the file when None
 
     def __post_init__(self) -> None:
         clash = sorted(set(self.info) & set(self.SECTIONS))
@@ -413,7 +418,7 @@ class ModelMeta:
 
     def to_metadata(self) -> dict[str, Any]:
         sections = {"unet": self.unet, "diffusion": self.diffusion, "classes": self.classes,
-                    "null_class": self.null_class}
+                    "null_class": self.null_class, "network": self.network}
         return {**_optional(sections, self.OPTIONAL), **self.info}
 
     @classmethod
@@ -426,6 +431,9 @@ class ModelMeta:
             raise UserError(f"{path}: the model config's classes should be a list of names")
         sections = {k: config[k] for k in cls.SECTIONS if k in config}
         check_fields(cls, sections, f"{path}: model config")
+        if sections.get("network") not in (None, *NETWORKS):
+            raise UserError(f"{path}: unknown network {str(sections['network'])[:40]!r} (this ddguide builds "
+                            f"ADM U-Nets and {', '.join(NETWORKS)})")
         return cls(info={k: v for k, v in config.items() if k not in cls.SECTIONS}, **sections)
 
 

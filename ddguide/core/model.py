@@ -2,6 +2,8 @@
 
 After :func:`load_model` no code cares where the weights came from: ``model(x_t, t)`` takes schedule indices
 ``t`` (rescaling them for improved-diffusion models) and ``model.features(x, t, blocks)`` returns feature taps.
+The network is ddguide's ADM U-Net or a diffusers ``UNet2DModel`` (:mod:`ddguide.core.diffusers_unet`, from a
+converted artifact or straight from a diffusers folder), both with the same interface.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import torch
 import torch.nn as nn
 
 from ddguide.core import artifacts
+from ddguide.core.diffusers_unet import NETWORK as DIFFUSERS
+from ddguide.core.diffusers_unet import DiffusersConfig, DiffusersUNet, check_config, read_folder
 from ddguide.core.diffusion import DiffusionConfig, alphas_cumprod, split_output
 from ddguide.core.errors import UserError
 from ddguide.core.runtime import autocast
 from ddguide.core.unet import UNetConfig, UNetModel
 
 DEFAULT_MODEL = "shapes32.safetensors"
+Network = UNetModel | DiffusersUNet  # what a Model wraps: the same interface (forward, features, blocks)
+NetworkConfig = UNetConfig | DiffusersConfig
 
 
 class Model(nn.Module):
-    """An ADM network with its diffusion settings. ``forward(x_t, t, y)`` returns the raw network output."""
+    """A network (ADM, or a diffusers UNet2DModel) with its diffusion settings. ``forward(x_t, t, y)`` returns
+    the raw network output."""
 
-    def __init__(self, net: UNetModel, diffusion: DiffusionConfig, *, fingerprint: str = "",
+    def __init__(self, net: Network, diffusion: DiffusionConfig, *, fingerprint: str = "",
                  classes: list[str] | None = None, info: dict[str, Any] | None = None,
                  null_class: bool | None = None):
         super().__init__()
@@ -83,7 +90,8 @@ class Model(nn.Module):
         """The typed config its artifact stores."""
         return artifacts.ModelMeta(unet=self.net.cfg.to_dict(), diffusion=self.diffusion.to_dict(),
                                    classes=self.classes, info=self.info,
-                                   null_class=None if self.labels is None else self.has_null_class)
+                                   null_class=None if self.labels is None else self.has_null_class,
+                                   network=DIFFUSERS if isinstance(self.net, DiffusersUNet) else None)
 
     def config(self) -> dict[str, Any]:
         """The JSON object its artifact stores as config."""
@@ -98,7 +106,7 @@ def _null_class(recorded: bool | None, info: dict[str, Any]) -> bool:
 
 def class_rows(meta: artifacts.ModelMeta) -> int | None:
     """The class-embedding rows a model artifact's config describes (None: unconditional)."""
-    rows = meta.unet.get("num_classes")
+    rows = meta.unet.get("num_class_embeds" if meta.network == DIFFUSERS else "num_classes")
     return rows if isinstance(rows, int) else None
 
 
@@ -123,8 +131,13 @@ def default_model_path() -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Model:
-    """Load a ``model`` artifact (None = the shipped default) in eval mode on ``device``."""
+    """Load a ``model`` artifact (None = the shipped default), or a diffusers ``UNet2DModel`` folder, in eval mode
+    on ``device``."""
     path = Path(path) if path is not None else default_model_path()
+    if path.is_dir():
+        model = model_from_folder(path).to(device).eval()
+        model.source_path = path
+        return model
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         raise UserError(f"{path}: a PyTorch checkpoint; convert it first with `ddguide convert {path} --out "
                         f"{path.with_suffix('.safetensors').name}`")
@@ -137,13 +150,33 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
 def model_from_artifact(art: artifacts.Artifact) -> Model:
     """The model a loaded ``model`` artifact describes, its config checked before any network is built."""
     meta = artifacts.ModelMeta.from_metadata(art.config, art.path)
-    unet_cfg, diffusion = model_config(meta, art.path)
-    check_tensors_fit(unet_cfg, art.tensors, art.path)  # before any network is built
-    with torch.device("meta"):  # no random initialisation to overwrite: the file's tensors become the weights
-        net = UNetModel(unet_cfg)
-    net.load_state_dict({k: v.float() for k, v in art.tensors.items()}, assign=True)
+    net_cfg, diffusion = model_config(meta, art.path)
+    net = network_with(net_cfg, art.tensors, art.path)
     return Model(net, diffusion, fingerprint=art.fingerprint, classes=meta.classes, info=meta.info,
                  null_class=meta.null_class)
+
+
+def model_from_folder(path: str | os.PathLike, diffusion: dict[str, Any] | None = None) -> Model:
+    """The model of a diffusers ``UNet2DModel`` folder and its scheduler config (``diffusion``: ddguide's
+    diffusion fields in place of the scheduler config). Its fingerprint is that of the artifact `convert` writes."""
+    folder = read_folder(path, diffusion)
+    net = network_with(folder.unet, folder.tensors, path)
+    return Model(net, folder.diffusion, fingerprint=artifacts.fingerprint(folder.tensors), info=folder.info,
+                 null_class=None if folder.unet.num_classes is None else False)  # a diffusers model has no null row
+
+
+def build_network(cfg: NetworkConfig) -> Network:
+    """The network a config describes (random weights; on the meta device under ``torch.device("meta")``)."""
+    return DiffusersUNet(cfg) if isinstance(cfg, DiffusersConfig) else UNetModel(cfg)
+
+
+def network_with(cfg: NetworkConfig, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> Network:
+    """The network of ``cfg`` holding ``tensors`` as its weights, which must fit it exactly."""
+    check_tensors_fit(cfg, tensors, path)  # before any network is built
+    with torch.device("meta"):  # no random initialisation to overwrite: the file's tensors become the weights
+        net = build_network(cfg)
+    net.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
+    return net
 
 
 # architecture bounds a model config must keep to (published ADM models are far inside them)
@@ -153,9 +186,11 @@ UNET_LIMITS = {"image_size": 4096, "in_channels": 64, "model_channels": 4096, "o
 
 
 def model_config(config: dict[str, Any] | artifacts.ModelMeta,
-                 path: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig]:
+                 path: str | os.PathLike) -> tuple[NetworkConfig, DiffusionConfig]:
     """The U-Net and diffusion sections of a model artifact's config, type- and range-checked."""
     meta = config if isinstance(config, artifacts.ModelMeta) else artifacts.ModelMeta.from_metadata(config, path)
+    if meta.network == DIFFUSERS:
+        return check_config(meta.unet, f"{path}: UNet2DModel config"), _diffusion_config(meta, path)
     unet = artifacts.check_fields(UNetConfig, meta.unet, f"{path}: U-Net config")
     for name, limit in UNET_LIMITS.items():
         value = unet.get(name)
@@ -166,23 +201,31 @@ def model_config(config: dict[str, Any] | artifacts.ModelMeta,
     mult, attn = unet.get("channel_mult", [1]), unet.get("attention_resolutions", [])
     if not 1 <= len(mult) <= 8 or any(not 0 < m <= 64 for m in mult) or len(attn) > 16:
         raise UserError(f"{path}: U-Net config channel_mult or attention_resolutions out of range")
+    return UNetConfig.from_dict(unet), _diffusion_config(meta, path)
+
+
+def _diffusion_config(meta: artifacts.ModelMeta, path: str | os.PathLike) -> DiffusionConfig:
     artifacts.check_fields(DiffusionConfig, meta.diffusion, f"{path}: diffusion config")
     if not 1 <= meta.diffusion.get("steps", 1) <= 100_000:
         raise UserError(f"{path}: diffusion steps must be in 1..100000")
-    return UNetConfig.from_dict(unet), DiffusionConfig.from_dict(meta.diffusion)
+    return DiffusionConfig.from_dict(meta.diffusion)
 
 
-def config_shapes(cfg: UNetConfig, path: str | os.PathLike = "the config") -> dict[str, tuple[int, ...]]:
+def config_shapes(cfg: NetworkConfig, path: str | os.PathLike = "the config") -> dict[str, tuple[int, ...]]:
     """Key -> shape of the network a config builds, on the meta device (no memory is allocated)."""
     try:
         with torch.device("meta"):
-            net = UNetModel(cfg)
-    except (UserError, ValueError, TypeError, ZeroDivisionError, RuntimeError, AssertionError, KeyError) as e:
+            net = build_network(cfg)
+    except UserError as e:
+        if isinstance(cfg, DiffusersConfig):  # its own message names the diffusers setting
+            raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{path}: its U-Net config does not build a network ({str(e)[:120]})") from None
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError, AssertionError, KeyError) as e:
         raise UserError(f"{path}: its U-Net config does not build a network ({str(e)[:120]})") from None
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def check_tensors_fit(cfg: UNetConfig, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def check_tensors_fit(cfg: NetworkConfig, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """The file's tensors must be exactly the network its config describes (names, shapes, floating dtypes):
     so the parameter count a config implies is the one the file holds, checked before anything is built."""
     expected = config_shapes(cfg, path)

@@ -1,8 +1,11 @@
-"""`ddguide convert`: openai improved-/guided-diffusion checkpoints -> ddguide ``model`` artifacts.
+"""`ddguide convert`: openai improved-/guided-diffusion checkpoints and diffusers ``UNet2DModel`` folders ->
+ddguide ``model`` artifacts.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` (a pickle cannot run code) or from safetensors.
 A checkpoint that does not fit the architecture is refused with a short diff and, when one architecture flag
-explains the difference, the name of that flag.
+explains the difference, the name of that flag. A diffusers folder (``config.json``,
+``diffusion_pytorch_model.safetensors`` and a scheduler config) carries its own architecture and schedule
+(:mod:`ddguide.core.diffusers_unet`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from ddguide.core import artifacts
 from ddguide.core.diffusion import DiffusionConfig
 from ddguide.core.errors import UserError
-from ddguide.core.model import Model, save_model
+from ddguide.core.model import Model, model_from_folder, save_model
 from ddguide.core.presets import DEFAULT_CHANNEL_MULT, PRESETS, get_preset
 from ddguide.core.unet import UNetConfig, UNetModel
 
@@ -148,6 +151,8 @@ def infer_preset(path: str | os.PathLike) -> str:
 
 def convert(cfg: ConvertConfig) -> Model:
     """Read, check and write; nothing is written when the checkpoint does not fit."""
+    if Path(cfg.checkpoint).is_dir():
+        return convert_diffusers(cfg)
     name = cfg.preset or (None if cfg.overrides else infer_preset(cfg.checkpoint))
     preset = get_preset(name) if name else None
     sd = read_state_dict(cfg.checkpoint)
@@ -163,5 +168,16 @@ def convert(cfg: ConvertConfig) -> Model:
     model = Model(net, diffusion, info={"preset": name, "source": preset.source if preset else "custom",
                                         "converted_from": Path(cfg.checkpoint).name},
                   null_class=None if unet_cfg.num_classes is None else False)
+    save_model(cfg.out, model)
+    return model
+
+
+def convert_diffusers(cfg: ConvertConfig) -> Model:
+    """A diffusers ``UNet2DModel`` folder as a model artifact: its config, diffusers' own tensor names and the
+    diffusion its scheduler config describes (or ``cfg.diffusion``)."""
+    if cfg.preset or cfg.overrides:
+        raise UserError(f"{cfg.checkpoint}: a diffusers folder carries its own architecture in config.json; drop "
+                        "--preset and --arch")
+    model = model_from_folder(cfg.checkpoint, cfg.diffusion or None)
     save_model(cfg.out, model)
     return model

@@ -68,6 +68,9 @@ def conditional_net(base: Model, num_classes: int, generator: torch.Generator, n
     initialisation, which guided-diffusion's class-conditional models start from. A ``base`` that is already
     class-conditional is refused naming it as ``name``.
     """
+    if not isinstance(base.net, UNetModel):
+        raise UserError(f"{name}: a diffusers UNet2DModel; finetune adds a class embedding to ddguide's ADM U-Nets "
+                        "only")
     if base.net.cfg.num_classes is not None:
         raise UserError(f"{name}: already class-conditional; fine-tune an unconditional model")
     net = UNetModel(dataclasses.replace(base.net.cfg, num_classes=num_classes + 1))
