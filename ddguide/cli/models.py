@@ -120,7 +120,8 @@ def train(
 ) -> None:
     """Train an unconditional diffusion model; rerun the same command to resume after a stop.
 
-    Rerunning with a smaller --steps than the checkpoint has reached writes the model from that checkpoint."""
+    Rerunning with a smaller --steps than the checkpoint has reached writes the model from that checkpoint; with
+    --export the same command writes the model from the last checkpoint whatever --steps says."""
     from ddguide.core.runtime import is_main_process
     from ddguide.stages.train import TrainConfig, train_recipe
     from ddguide.stages.train import train as run
@@ -130,6 +131,7 @@ def train(
                           checkpoint_every=checkpoint_every, compile=compile_, p2_gamma=p2_gamma, p2_k=p2_k)
     cfg = TrainConfig(data=str(data), out=str(out), preset=preset, recipe=recipe, schedule=schedule,
                       init=str(init) if init else None, resize=resize, threads=threads, device=device,
+                      preview=preview, export=export,
                       arch=_json_opt(arch, "--arch") or None, channels=channels)
     with progress_bar("training") as bar:
         path = run(cfg, progress=bar.update)
@@ -215,9 +217,7 @@ def finetune(
              "root or a samples folder whose index.csv has a class column.")],
     out: Annotated[Path, typer.Option(help="Class-conditional model to write; a checkpoint is kept beside it.")],
     model: ModelOpt = None,
-    steps: Annotated[int, typer.Option(help=(
-        "Total optimisation steps. The default takes ~20 min on 2 CPU cores with the shipped model (~0.6 s a "
-        "step at batch 64); on a GPU give more (e.g. 10000) for stronger class conditioning."))] = 2000,
+    steps: StepsOpt = 2000,
     batch: BatchOpt = 64,
     lr: LrOpt = 1e-4,
     label_dropout: Annotated[float, typer.Option(
@@ -238,7 +238,10 @@ def finetune(
                          "without training further.")] = False,
 ) -> None:
     """Fine-tune an unconditional model into a class-conditional one (label dropout, for --cfg sampling);
-    rerun the same command to resume after a stop."""
+    rerun the same command to resume after a stop.
+
+    The default 2000 steps take about 20 minutes on 2 CPU cores with the shipped model (~0.6 s a step at batch
+    64); on a GPU give more (e.g. --steps 10000) for stronger class conditioning."""
     from ddguide.core.runtime import is_main_process
     from ddguide.stages.finetune import FinetuneConfig, finetune_recipe
     from ddguide.stages.finetune import finetune as run

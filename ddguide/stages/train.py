@@ -22,7 +22,17 @@ from ddguide.core.diffusion import DiffusionConfig
 from ddguide.core.errors import UserError
 from ddguide.core.presets import get_preset
 from ddguide.core.unet import UNetConfig, UNetModel
-from ddguide.stages.training import Progress, Recipe, fit, flat_config, run_identity, setup_device, write_model
+from ddguide.stages.training import (
+    OnCheckpoint,
+    Progress,
+    Recipe,
+    fit,
+    flat_config,
+    preview_grid,
+    run_identity,
+    setup_device,
+    write_model,
+)
 
 TRAIN_RECIPE = Recipe(steps=20000, lr=2e-4, warmup=200)  # `ddguide train`'s defaults
 
@@ -45,6 +55,8 @@ class TrainConfig:
     device: str = "auto"
     arch: dict[str, Any] | None = None  # U-Net options replacing the preset's (`train --arch JSON`)
     channels: int | None = None  # 1 (grey) or 3 (RGB); None: --arch's or --init's, else found from the images
+    preview: int = 16  # images in the grid drawn at each checkpoint (0: none)
+    export: bool = False  # write the model from the last checkpoint without training further
 
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree with to be resumed: not the device, nor the step count unless the
@@ -94,8 +106,21 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
         return data, None
 
     ema, state = fit(net.to(device), diffusion, cfg.recipe, checkpoint_path(cfg.out), cfg.identity(),
-                     torch.Generator().manual_seed(cfg.recipe.seed), read, device, progress)
+                     torch.Generator().manual_seed(cfg.recipe.seed), read, device, progress,
+                     on_checkpoint=_previews(cfg, unet, diffusion, device), export=cfg.export)
     return write_model(cfg.out, unet, diffusion, ema, state, {"preset": cfg.preset, "train": flat_config(cfg)})
+
+
+def preview_path(out: str | Path) -> Path:
+    """The sample grid ``train`` redraws at each checkpoint beside the model: ``m.safetensors`` -> ``m.samples.png``."""
+    return Path(out).with_suffix(".samples.png")
+
+
+def _previews(cfg: TrainConfig, unet: UNetConfig, diffusion: DiffusionConfig,
+              device: torch.device) -> OnCheckpoint | None:
+    if not cfg.preview:
+        return None
+    return lambda ema, state: preview_grid(preview_path(cfg.out), unet, diffusion, ema, device, cfg.preview)
 
 
 def requested_channels(cfg: TrainConfig, unet: UNetConfig) -> int | None:
@@ -113,6 +138,7 @@ def requested_channels(cfg: TrainConfig, unet: UNetConfig) -> int | None:
         unet_cfg = artifacts.describe(cfg.init, "model").config.get("unet")
         init = unet_cfg.get("in_channels") if isinstance(unet_cfg, dict) else None
         return init if init in (1, 3) else None  # anything else is refused by the warm start
+    return None
 
 
 def with_channels(unet: UNetConfig, channels: int) -> UNetConfig:
