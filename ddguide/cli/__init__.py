@@ -234,8 +234,13 @@ def _output_guards(command: str, values: dict[str, Any]) -> Any:
     name, folder = _OUTPUTS.get(command, (None, False))
     names = name if isinstance(name, tuple) else (name,) if name else ()  # an output given one of several ways
     path = next((values[n] for n in names if values.get(n) is not None), None)
+    if values.get("shard") is not None:
+        from ddguide.core.runtime import resolve_shard
+
+        resolve_shard(values["shard"])  # a malformed --shard is refused before any work
     if path is not None:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun ranks share the output: each only checks it
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 or values.get("shard") is not None:  # shards share the
+            # output (torchrun ranks, or --shard jobs): each only checks it
             outputs.check_output(path, folder=folder)
         else:
             stack.enter_context(outputs.guard(path, folder=folder))

@@ -21,7 +21,7 @@ from ddguide.cli import (
     report,
 )
 from ddguide.cli.args import ListCommand
-from ddguide.cli.options import DeviceOpt, PrecisionOpt, ThreadsOpt
+from ddguide.cli.options import DeviceOpt, PrecisionOpt, ShardOpt, ThreadsOpt
 from ddguide.core.defaults import DEFAULT_BLOCKS_RULE, DEFAULT_TIMESTEPS
 from ddguide.core.errors import UserError
 
@@ -111,6 +111,7 @@ def sample(
     verifier: Annotated[Optional[list[str]], typer.Option(metavar="HEAD[:w[:target]] ...", help=(
         "Heads that score particles and candidates (default: the --guide heads); they may differ from the "
         "guides."))] = None,
+    shard: ShardOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
@@ -131,7 +132,8 @@ def sample(
         reject=RejectSpec(str(reject), threshold, str(reject_model) if reject_model else None) if reject else None,
         guide_every=guide_every, particles=particles, smc=smc, potential=potential, potential_scale=potential_scale,
         resample_every=resample_every, resample_window=resample_window, search=search, candidates=candidates,
-        rounds=rounds, search_step=search_step, verifier=list(verifier or []), normalize_grad=normalize_grad)
+        rounds=rounds, search_step=search_step, verifier=list(verifier or []), normalize_grad=normalize_grad,
+        shard=shard)
     cfg.validate()
     with progress_bar("accepted" if reject else "sampling") as bar:
         result = run_sample(cfg, progress=bar.update)
@@ -139,6 +141,11 @@ def sample(
         _acceptance_table(result)
         out_console.print(f"wrote {result.kept} accepted images, index.csv and grid.png to {out}")
         report(out=out, images=result.kept, kept=result.kept, per_class=result.per_class)
+        return
+    if shard is not None:
+        joined = "joined every shard's index.csv and grid.png" if result.joined else "the last shard joins index.csv"
+        out_console.print(f"wrote {result.kept} images (shard {shard}) to {result.out}; {joined}")
+        report(out=result.out, images=result.kept, shard=shard, joined=result.joined)
         return
     out_console.print(f"wrote {n} images, index.csv and grid.png to {result.out}")
     report(out=result.out, images=n)
@@ -173,6 +180,7 @@ def extract(
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     storage: Annotated[str, typer.Option(help="fp32 or fp16 on disk.")] = "fp32",
     resize: Annotated[str, typer.Option(help="Images of another size: refuse, resize or center-crop.")] = "refuse",
+    shard: ShardOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
@@ -195,7 +203,10 @@ def extract(
                         blocks=tuple(blocks) if not auto_blocks else (), noise=noise, seed=seed,
                         timesteps=() if auto_times else _int_list(timesteps, "--timesteps"),
                         labels=str(labels) if labels else None, label=label, masks=str(masks) if masks else None,
-                        batch=batch, storage=storage, device=device, precision=precision, resize=resize)
+                        batch=batch, storage=storage, device=device, precision=precision, resize=resize,
+                        shard=shard)
+    if auto_blocks and shard is not None:
+        raise UserError("--blocks auto chooses taps on every image in one process: run it without --shard")
     if auto_blocks:
         with progress_bar("choosing taps") as bar:
             path, rows = extract_auto(cfg, auto_blocks=True, auto_times=auto_times, progress=bar.update)
@@ -213,7 +224,10 @@ def extract(
     else:
         with progress_bar("extracting") as bar:
             path = run(cfg, progress=bar.update)
-    if is_main_process():  # under torchrun, rank 0 joined the parts
+    if path != out:  # --shard: the shard's part, until the last shard joins the parts
+        out_console.print(f"wrote {path} (shard {shard}); the last shard to finish joins the parts into {out}")
+        report(out=path, shard=shard, joined=False)
+    elif is_main_process():  # under torchrun, rank 0 joined the parts
         out_console.print(f"wrote {path}")
         written = artifact_config(path)
         spec = written.get("spec", {})
@@ -293,6 +307,7 @@ def filter_command(
     model: Annotated[Optional[Path], typer.Option(
         help="The unconditional model the head reads (default: the shipped model).")] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    shard: ShardOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
@@ -301,14 +316,20 @@ def filter_command(
     from ddguide.core.runtime import is_main_process, set_threads
     from ddguide.stages.filter import FilterConfig, filter_folder
 
-    refuse_existing(out)
+    if shard is None:  # the shards of --shard fill one folder
+        refuse_existing(out)
     precision = _precision(precision, device)
     set_threads(threads)
     with progress_bar("filtering") as bar:
         result = filter_folder(FilterConfig(str(folder), str(head), str(out), threshold,
-                                            str(model) if model else None, batch, device, precision),
+                                            str(model) if model else None, batch, device, precision, shard),
                                progress=bar.update)
-    if is_main_process():  # under torchrun every rank knows the result; one prints it
+    if shard is not None:
+        joined = "joined every shard's index.csv" if result.joined else "the last shard joins index.csv"
+        out_console.print(f"kept {result.kept} of {result.total} samples of shard {shard} in {out}; {joined}")
+        report(out=out, kept=result.kept, total=result.total, per_class=result.per_class, shard=shard,
+               joined=result.joined)
+    elif is_main_process():  # under torchrun every rank knows the result; one prints it
         _acceptance_table(result)
         out_console.print(f"kept {result.kept} of {result.total} samples in {out}")
         report(out=out, kept=result.kept, total=result.total, per_class=result.per_class)
@@ -321,3 +342,22 @@ def _acceptance_table(result: Any) -> None:
     for name, (kept, seen) in result.per_class.items():
         table.add_row(str(name), str(kept), str(seen), f"{kept / max(seen, 1):.2f}")
     out_console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------- merge
+
+
+@app.command("merge", cls=ListCommand)
+@handle_errors
+def merge_command(
+    out: Annotated[Path, typer.Argument(help=(
+        "The output the --shard runs named: a samples or filter folder (its index.partIofN.csv), a features "
+        "artifact or fid statistics (the OUT.partIofN.safetensors beside it)."))],
+) -> None:
+    """Join the parts that `--shard i/n` runs of sample, extract, filter or fid wrote (the last shard to finish
+    does it itself; this is for parts gathered from elsewhere or a shard rerun alone)."""
+    from ddguide.stages.merge import merge
+
+    result = merge(out)
+    out_console.print(f"joined {result.parts} parts into {result.out} ({result.kind}, {result.images} images)")
+    report(out=result.out, kind=result.kind, parts=result.parts, images=result.images)

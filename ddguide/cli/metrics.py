@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ddguide.cli import ModelOpt, app, console, handle_errors, out_console, progress_bar, report
 from ddguide.cli.args import ListCommand
-from ddguide.cli.options import BatchOpt, CasSeedOpt, DeviceOpt, LrOpt, PrecisionOpt, ThreadsOpt
+from ddguide.cli.options import BatchOpt, CasSeedOpt, DeviceOpt, LrOpt, PrecisionOpt, ShardOpt, ThreadsOpt
 
 # --- fid ---
 
@@ -37,6 +37,7 @@ def fid_command(
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 50,
     resize: Annotated[str, typer.Option(
         help="Denoiser features need the model's image size: refuse, resize or center-crop other sizes.")] = "refuse",
+    shard: ShardOpt = None,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(help=(
         "auto (here fp32, so that statistics saved on one machine compare with those of another and with "
@@ -46,7 +47,7 @@ def fid_command(
 ) -> None:
     """Fréchet distance between two image sets: the FID with Inception features (pytorch-fid compatible), a
     Fréchet distance on denoiser features otherwise (labelled by its feature space, never called FID)."""
-    from ddguide.core.runtime import set_threads
+    from ddguide.core.runtime import is_main_process, set_threads
     from ddguide.metrics.fid import INCEPTION_SPACE, FidConfig, run_fid
 
     set_threads(threads)
@@ -54,10 +55,17 @@ def fid_command(
                     inception_weights=str(inception_weights) if inception_weights else None,
                     model=str(model) if model else None, timestep=timestep, batch=batch, device=device,
                     precision="fp32" if precision == "auto" else precision,
-                    save_stats=str(save_stats) if save_stats else None, resize=resize)
+                    save_stats=str(save_stats) if save_stats else None, resize=resize, shard=shard)
     with progress_bar("features") as bar:  # appears at the first image batch: stats-only runs show none
         result = run_fid(cfg, progress=lambda label, done, total: bar.update(done, total, label))
+    if not is_main_process():  # under torchrun every rank has the result; rank 0 reports it
+        return
     console.print(f"using {result.note}", highlight=False)
+    if not result.joined:
+        console.print(f"wrote shard {shard} of the statistics of {a} ({result.a.n} images) to {result.saved}; "
+                      f"the last shard to finish joins the parts into {save_stats}", highlight=False)
+        report(out=result.saved, shard=shard, joined=False, n_a=result.a.n)
+        return
     if result.saved is not None:
         console.print(f"wrote statistics of {a} ({result.a.n} images) to {result.saved}", highlight=False)
     if result.fid is not None:

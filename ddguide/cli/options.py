@@ -23,6 +23,10 @@ CompileOpt = Annotated[bool, typer.Option("--compile", help=(
     "only with --precision fp32 (compiled bf16 training loses gradients there), which is slower than eager bf16. "
     "A run may resume with or without it."))]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")]
+ShardOpt = Annotated[Optional[str], typer.Option(metavar="I/N", help=(
+    "Do the I-th of N consecutive slices of the images (0 <= I < N), for job arrays whose processes cannot talk: "
+    "each shard writes its own part and the last to finish joins the parts (else `ddguide merge OUT`) into what "
+    "one process writes. Under torchrun leave it out: RANK and WORLD_SIZE shard the same way."))]
 
 # the training recipe (ddguide.stages.training.Recipe)
 StepsOpt = Annotated[int, typer.Option(help="Total optimisation steps.")]

@@ -521,9 +521,10 @@ class FidStatsMeta:
     n: int = 0
     features: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    part: str | None = None  # "i/n": shard i's part (tensors count, sum and outer, not yet mu and sigma)
 
     def to_metadata(self) -> dict[str, Any]:
-        return _fields_of(self)
+        return _optional(_fields_of(self), ("part",))
 
     @classmethod
     def from_metadata(cls, config: dict[str, Any], path: str | os.PathLike) -> "FidStatsMeta":

@@ -167,6 +167,26 @@ def _recover(path: Path) -> None:
             _remove(old)
 
 
+def join_when_complete(target: str | os.PathLike, parts: list[Path], join: Callable[[], object]) -> bool:
+    """Call ``join`` once every one of ``parts`` exists, one process at a time (an exclusive lock beside
+    ``target``): the shards of a job array finish in any order and the last one joins. False while a part is
+    missing (or another shard joined them and removed the parts)."""
+    lock_path = _sibling(Path(target), "join-lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{target}: cannot write beside it ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a shard that is joining
+        if not all(p.is_file() for p in parts):
+            return False
+        join()
+        lock_path.unlink(missing_ok=True)  # a shard still waiting on it finds the join done (or redoes it alike)
+        return True
+    finally:
+        os.close(fd)
+
+
 def samples_folder(folder: Path) -> bool:
     """Whether ``folder`` is ddguide's own samples output (or the shards of one): an index.csv or index parts,
     and nothing else but the images they list or numbered images (``000012.png``), grid.png and hidden files."""
@@ -203,6 +223,8 @@ def staged_folder(out: str | os.PathLike, what: str = "output", *, own: Callable
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if in_place:  # the shards of one job fill the folder together: whichever comes second finds it non-empty
+        if own is not None and out.is_dir() and any(out.iterdir()) and not own(out):
+            raise UserError(f"{out}: {what} folder exists and is not ddguide's; choose a new folder")
         out.mkdir(parents=True, exist_ok=True)
         yield out
         return

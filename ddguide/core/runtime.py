@@ -1,12 +1,15 @@
 """Where and how a network runs: the device (``--device auto`` picks CUDA when present), the precision
-(``--precision auto``: bf16 autocast where the device has fast bf16), and the torchrun shard of this process
-(rank, world size, the slice of the work it does, gathering results, barriers)."""
+(``--precision auto``: bf16 autocast where the device has fast bf16), and the shard of this process (from
+torchrun or ``--shard i/n``: rank, world size, the slice of the work it does, gathering results, barriers)."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -20,6 +23,63 @@ def process_shard() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of a job this process does: slice ``bounds(n)`` of ``world`` consecutive slices of the images.
+
+    One rule for every stage that loops over images: image k is computed the same way whichever shard does it,
+    each shard writes its own part (:meth:`part`), and the parts joined in rank order are what one process
+    writes. Under ``torchrun`` the processes are ``linked`` (barriers and gathers work); ``--shard i/n`` links
+    nothing, for job arrays on machines that cannot talk: whichever shard finds every part present joins them
+    (or ``ddguide merge``)."""
+
+    rank: int = 0
+    world: int = 1
+    linked: bool = False  # torchrun's process group is there to wait on and gather through
+
+    @property
+    def alone(self) -> bool:
+        return self.world == 1
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """The consecutive slice ``[lo, hi)`` of ``n`` items this shard works on (all of them alone)."""
+        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+
+    def part(self, path: str | os.PathLike) -> Path:
+        """This shard's part of ``path``: ``feats.safetensors`` -> ``feats.part0of2.safetensors``."""
+        return part_path(path, self.rank, self.world)
+
+    def parts(self, path: str | os.PathLike) -> list[Path]:
+        """Every shard's part of ``path``, in rank order."""
+        return [part_path(path, r, self.world) for r in range(self.world)]
+
+    def __str__(self) -> str:
+        return f"{self.rank}/{self.world}"
+
+
+def part_path(path: str | os.PathLike, rank: int, world: int) -> Path:
+    """The part of ``path`` that shard ``rank`` of ``world`` writes (the suffix stays last)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.part{rank}of{world}{path.suffix}")
+
+
+def resolve_shard(text: str | None = None) -> Shard:
+    """``--shard i/n`` (shard i of n, 0 <= i < n, no communication), or else torchrun's RANK/WORLD_SIZE."""
+    rank, world = process_shard()
+    if text is None:
+        return Shard(rank, world, linked=world > 1)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise UserError(f"--shard {text}: expected i/n, shard i of n counted from 0 (e.g. --shard 0/4)")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or i >= n:
+        raise UserError(f"--shard {text}: needs n >= 1 and 0 <= i < n (the shards of 4 are 0/4 .. 3/4)")
+    if world > 1:
+        raise UserError(f"--shard {text} under torchrun (WORLD_SIZE={world}): torchrun already splits the work; "
+                        "use one or the other")
+    return Shard(i, n)
 
 
 def is_main_process() -> bool:

@@ -3,8 +3,8 @@
 ``sample``, ``filter`` and ``data shapes`` write it; ``fid``, ``filter``, ``cas``, ``finetune`` and ``demo`` read it
 through :func:`read_samples`. The index has one row per image: ``file`` (relative to the folder, and never allowed
 to point outside it), then ``index`` and ``seed`` for generated images, then whatever the sampler reports (class,
-guidance, head probabilities, rejection probability). Under torchrun each shard writes ``index.partRofW.csv`` and
-whichever shard finishes last joins them (:func:`merge_shards`).
+guidance, head probabilities, rejection probability). A shard (torchrun or ``--shard``) writes ``index.partRofW.csv``
+and whichever shard finishes last joins them (:func:`merge_shards`).
 """
 
 from __future__ import annotations
@@ -147,16 +147,22 @@ def part_name(rank: int, world: int) -> str:
 
 
 def merge_shards(out: Path, world: int) -> bool:
-    """Once every shard has written its part, join the parts into index.csv and draw the grid. Any shard may
-    do it (the result is the same, and writes are atomic), so no barrier between processes is needed."""
+    """Once every shard has written its part, join the parts in rank order (each shard did a consecutive slice)
+    into index.csv and draw the grid; one shard at a time, so the last to finish does it, or ``ddguide merge``.
+    The parts stay: a shard rerun joins again. False while a part is missing."""
+    from ddguide.core.outputs import join_when_complete
+
     parts = [out / part_name(r, world) for r in range(world)]
-    if not all(p.is_file() for p in parts):
-        return False
-    rows = sorted((row for p in parts for row in _part_rows(p)), key=lambda r: int(r["index"]))
+    return join_when_complete(out, parts, lambda: _join_index(out, parts))
+
+
+def _join_index(out: Path, parts: list[Path]) -> None:
+    rows = [row for p in parts for row in _part_rows(p)]
+    if not rows:
+        raise UserError(f"{out}: its {len(parts)} shards kept no image; nothing to join")
     write_index(out, rows)
     images = [read_shown(out / r["file"]) for r in rows[:GRID_IMAGES]]
     write_grid(out / GRID, images)
-    return True
 
 
 def _part_rows(part: Path) -> list[dict[str, str]]:

@@ -161,34 +161,50 @@ class FidStats:
         return int(self.mu.shape[0])
 
 
-class _Moments:
-    """Running mean and scatter matrix, merged batch by batch (Chan et al.), all in float64."""
+class Moments:
+    """What a Gaussian fit needs of a set of feature vectors x_i, in float64: the count n, the sum of x_i and the
+    sum of the outer products x_i x_i^T. Sums add up, so the moments of shards (of any split of the images)
+    merge exactly into those of the whole set; then mu = sum / n and Sigma = (outer - n mu mu^T) / (n - 1)."""
 
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: np.ndarray | None = None
-        self.scatter: np.ndarray | None = None
+    def __init__(self, n: int = 0, total: np.ndarray | None = None, outer: np.ndarray | None = None) -> None:
+        self.n, self.total, self.outer = n, total, outer
 
     def update(self, feats: np.ndarray) -> None:
         feats = np.asarray(feats, np.float64)  # (B, D)
-        b = feats.shape[0]
-        if b == 0:
+        if feats.shape[0] == 0:
             return
-        mean_b = feats.mean(0)
-        centred = feats - mean_b
-        scatter_b = centred.T @ centred
-        if self.mean is None:
-            self.n, self.mean, self.scatter = b, mean_b, scatter_b
-            return
-        delta = mean_b - self.mean
-        total = self.n + b
-        self.mean = self.mean + delta * (b / total)
-        self.scatter = self.scatter + scatter_b + np.outer(delta, delta) * (self.n * b / total)
-        self.n = total
+        if self.total is None:
+            self.total, self.outer = np.zeros(feats.shape[1]), np.zeros((feats.shape[1],) * 2)
+        self.n += feats.shape[0]
+        self.total += feats.sum(0)
+        self.outer += feats.T @ feats
+
+    @classmethod
+    def merged(cls, parts: Sequence["Moments"]) -> "Moments":
+        """The moments of the union of the parts' sets, summed in the parts' order."""
+        whole = cls()
+        for part in parts:
+            if part.n:
+                whole.n += part.n
+                whole.total = part.total.copy() if whole.total is None else whole.total + part.total
+                whole.outer = part.outer.copy() if whole.outer is None else whole.outer + part.outer
+        return whole
+
+    def mean(self) -> np.ndarray:
+        return self.total / self.n
 
     def covariance(self) -> np.ndarray:
-        # Unbiased (ddof=1), as numpy.cov and pytorch-fid.
-        return self.scatter / (self.n - 1)
+        # Unbiased (ddof=1), as numpy.cov and pytorch-fid; symmetrised against rounding.
+        mu = self.mean()
+        cov = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return (cov + cov.T) / 2
+
+    def stats(self, extractor: "FeatureExtractor", label: str = "") -> FidStats:
+        """The Gaussian fit (at least 2 vectors), labelled with the extractor's feature space."""
+        if self.n < 2:
+            raise UserError(f"{label or 'input'}: FID needs at least 2 images to estimate a covariance, got {self.n}")
+        return FidStats(mu=self.mean(), sigma=self.covariance(), n=self.n, feature_space=extractor.name,
+                        fingerprint=extractor.fingerprint, features=dict(extractor.config), source=label)
 
 
 def compute_stats(
@@ -213,10 +229,30 @@ def compute_stats(
     if n < 2:
         what = label or "input"
         raise UserError(f"{what}: FID needs at least 2 images to estimate a covariance, got {n}")
+    moments = compute_moments(images, extractor, batch, device, progress, size=size, resize=resize, label=label,
+                              precision=precision)
+    return moments.stats(extractor, label)
+
+
+def compute_moments(
+    images: Sequence[str | os.PathLike] | torch.Tensor,
+    extractor: "FeatureExtractor",
+    batch: int = 50,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+    *,
+    size: int | None = None,
+    resize: str = "refuse",
+    label: str = "",
+    precision: str = "fp32",
+) -> Moments:
+    """The :class:`Moments` of the features of any number of images (a shard's part too), as
+    :func:`compute_stats` reads them."""
+    n = len(images)
     if batch < 1:
         raise UserError(f"batch size must be positive, got {batch}")
     device = torch.device(device) if device is not None else getattr(extractor, "device", torch.device("cpu"))
-    moments = _Moments()
+    moments = Moments()
     starts = list(range(0, n, batch))
     with ThreadPoolExecutor(max_workers=1) as reader:  # decode the next batch while this one runs
         channels = extractor.channels  # grey files are read as RGB for Inception, as grey for a 1-channel model
@@ -232,9 +268,7 @@ def compute_stats(
                 moments.update(feats.detach().to("cpu", torch.float64).numpy())
             if progress is not None:
                 progress(label, min(start + batch, n), n)
-    return FidStats(mu=moments.mean, sigma=moments.covariance(), n=moments.n, feature_space=extractor.name,
-                    fingerprint=extractor.fingerprint, features=dict(extractor.config),
-                    source=label)
+    return moments
 
 
 def _load_batch(images, start: int, stop: int, size: int | None, resize: str,
@@ -259,6 +293,47 @@ def save_stats(path: str | os.PathLike, stats: FidStats) -> Path:
     return artifacts.save(path, tensors, config=meta, fingerprint=stats.fingerprint)
 
 
+def save_part(path: str | os.PathLike, moments: Moments, extractor: "FeatureExtractor", label: str,
+              shard: runtime.Shard) -> Path:
+    """Write a shard's :class:`Moments` as a ``fid-stats`` part (count, sum and outer, float64)."""
+    dim = len(moments.total) if moments.total is not None else extractor.dim
+    meta = artifacts.FidStatsMeta(feature_space=extractor.name, dim=dim, n=moments.n,
+                                  features=dict(extractor.config), source=label, part=str(shard))
+    tensors = {"count": torch.tensor([moments.n], dtype=torch.int64),
+               "sum": torch.from_numpy(moments.total if moments.n else np.zeros(dim)),
+               "outer": torch.from_numpy(moments.outer if moments.n else np.zeros((dim, dim)))}
+    return artifacts.save(path, tensors, config=meta, fingerprint=extractor.fingerprint)
+
+
+def merge_parts(path: str | os.PathLike, world: int) -> FidStats:
+    """Join the ``world`` parts of ``path`` (``fid --shard i/n --save-stats PATH``) into the statistics one
+    process writes, and remove the parts."""
+    parts = [runtime.part_path(path, r, world) for r in range(world)]
+    moments, first = [], None
+    for r, part in enumerate(parts):
+        art = artifacts.load(part, "fid-stats")
+        meta = artifacts.FidStatsMeta.from_metadata(art.config, part)
+        if meta.part != f"{r}/{world}" or not {"count", "sum", "outer"} <= set(art.tensors):
+            raise UserError(f"{part}: not part {r}/{world} of fid statistics")
+        key = (meta.feature_space, meta.dim, meta.features, meta.source, art.fingerprint)
+        if first is not None and key != first[0]:
+            raise UserError(f"{part} and {parts[0]} come from different fid runs (other images or features); "
+                            "rerun every shard with the same options")
+        first = first or (key, meta)
+        moments.append(Moments(int(art.tensors["count"][0]), art.tensors["sum"].double().numpy(),
+                               art.tensors["outer"].double().numpy()))
+    (space, _, features, source, fingerprint), _ = first  # type: ignore[misc]
+    whole = Moments.merged(moments)
+    if whole.n < 2:
+        raise UserError(f"{path}: FID needs at least 2 images to estimate a covariance, the parts hold {whole.n}")
+    stats = FidStats(mu=whole.mean(), sigma=whole.covariance(), n=whole.n, feature_space=space,
+                     fingerprint=fingerprint, features=dict(features), source=source)
+    save_stats(path, stats)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return stats
+
+
 def load_stats(path: str | os.PathLike) -> FidStats:
     """Read statistics from a ``fid-stats`` artifact or a pytorch-fid ``.npz`` (Inception pool3)."""
     path = Path(path)
@@ -266,6 +341,9 @@ def load_stats(path: str | os.PathLike) -> FidStats:
         return _load_npz(path)
     art = artifacts.load(path, "fid-stats")
     meta = artifacts.FidStatsMeta.from_metadata(art.config, path)
+    if meta.part is not None:
+        raise UserError(f"{path}: shard {meta.part} of fid statistics, not the whole set's; `ddguide merge` joins "
+                        "the parts once every shard has written its own")
     try:
         mu, sigma = art.tensors["mu"].double().numpy(), art.tensors["sigma"].double().numpy()
     except KeyError as e:
@@ -406,6 +484,9 @@ def resolve_source(path: str | os.PathLike) -> Source:
         raise UserError(f"{p}: no such file or folder")
     if p.is_dir():
         index = p / INDEX
+        if not index.is_file() and any(p.glob("index.part*of*.csv")):
+            raise UserError(f"{p}: a sharded samples folder whose parts are not joined yet (no {INDEX}); wait for "
+                            f"every shard, or `ddguide merge {p}`")
         files = read_index(index) if index.is_file() else list_images(p)
         return Source(str(p), files=files)
     if p.suffix.lower() == ".csv":
@@ -437,6 +518,7 @@ class FidConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     precision: str = "fp32"  # of the feature network; fp32 keeps statistics comparable across machines
     save_stats: str | None = None  # write A's statistics here
+    shard: str | None = None  # "i/n": A's statistics over the i-th of n slices of its images, as a part of save_stats
     size: int | None = None  # resize images to this side (None: inception reads any size, denoiser needs its own)
     resize: str = "refuse"  # refuse | resize | center-crop, when an image's size differs from the required one
 
@@ -449,6 +531,7 @@ class FidResult:
     feature_space: str
     note: str  # which features were used and why
     saved: Path | None = None
+    joined: bool = True  # with --shard: whether ``saved`` is the whole set's statistics (else this shard's part)
 
 
 def run_fid(cfg: FidConfig, progress: Progress | None = None) -> FidResult:
@@ -457,7 +540,13 @@ def run_fid(cfg: FidConfig, progress: Progress | None = None) -> FidResult:
         raise UserError(f"unknown feature space {cfg.features!r} (inception, denoiser, auto)")
     if cfg.b is None and cfg.save_stats is None:
         raise UserError("give a second input B to compare with, or --save-stats PATH to save A's statistics")
+    shard = runtime.resolve_shard(cfg.shard)
+    if shard.world > 1 and not shard.linked and (cfg.b is not None or cfg.save_stats is None):
+        raise UserError("--shard computes a part of A's statistics: give --save-stats PATH and no B (the parts "
+                        "join into PATH, which any later fid compares)")
     sources = [resolve_source(cfg.a)] + ([resolve_source(cfg.b)] if cfg.b is not None else [])
+    if shard.world > 1 and not shard.linked and sources[0].files is None:
+        raise UserError(f"{cfg.a}: already statistics; --shard splits the images of a folder")
     for s in sources:
         if s.files is not None and len(s.files) < 2:
             raise UserError(f"{s.label}: FID needs at least 2 images to estimate a covariance, got {len(s.files)}")
@@ -475,11 +564,17 @@ def run_fid(cfg: FidConfig, progress: Progress | None = None) -> FidResult:
             stats.append(s.stats)
             continue
         size = cfg.size or extractor.input_size
-        stats.append(compute_stats(s.files, extractor, cfg.batch, progress=progress, size=size,
-                                   resize=cfg.resize, label=s.label, precision=cfg.precision))
+        lo, hi = shard.bounds(len(s.files))  # a shard's consecutive slice of the images (all of them alone)
+        moments = compute_moments(s.files[lo:hi], extractor, cfg.batch, progress=progress, size=size,
+                                  resize=cfg.resize, label=s.label, precision=cfg.precision)
+        if shard.world > 1 and not shard.linked:
+            return _part_result(cfg, shard, moments, extractor, s.label, note)
+        if shard.linked:  # torchrun: every rank sums the ranks' moments, in rank order
+            moments = Moments.merged(runtime.all_gather(moments, extractor.device))
+        stats.append(moments.stats(extractor, s.label))
     for s in stats[1:]:
         check_comparable(stats[0], s)
-    saved = save_stats(cfg.save_stats, stats[0]) if cfg.save_stats else None
+    saved = save_stats(cfg.save_stats, stats[0]) if cfg.save_stats and shard.rank == 0 else None
     fid = None
     if len(stats) == 2:
         try:
@@ -488,6 +583,23 @@ def run_fid(cfg: FidConfig, progress: Progress | None = None) -> FidResult:
             raise UserError(str(e)) from None
     return FidResult(fid=fid, a=stats[0], b=stats[1] if len(stats) == 2 else None,
                      feature_space=stats[0].feature_space, note=note, saved=saved)
+
+
+def _part_result(cfg: FidConfig, shard: runtime.Shard, moments: Moments, extractor: FeatureExtractor, label: str,
+                 note: str) -> FidResult:
+    """``--shard``: write this shard's part of A's statistics; the shard that finds every part present joins
+    them into ``cfg.save_stats``."""
+    from ddguide.core.outputs import join_when_complete
+
+    out = Path(cfg.save_stats)  # type: ignore[arg-type]
+    part = save_part(shard.part(out), moments, extractor, label, shard)
+    merged: list[FidStats] = []
+    join_when_complete(out, shard.parts(out), lambda: merged.append(merge_parts(out, shard.world)))
+    if merged:
+        return FidResult(fid=None, a=merged[0], b=None, feature_space=extractor.name, note=note, saved=out)
+    mine = FidStats(mu=moments.mean() if moments.n else np.zeros(0), sigma=np.zeros((0, 0)), n=moments.n,
+                    feature_space=extractor.name, fingerprint=extractor.fingerprint, source=label)
+    return FidResult(fid=None, a=mine, b=None, feature_space=extractor.name, note=note, saved=part, joined=False)
 
 
 def _choose_features(cfg: FidConfig, given: list[FidStats]) -> tuple[str, str]:

@@ -1,8 +1,9 @@
 """`ddguide extract`: denoiser features of an image folder, written as a ``features`` artifact.
 
 Features are stored at native resolution (never upsampled on disk) and streamed batch by batch, so peak memory
-is one batch; under torchrun each rank writes a part and the last to finish joins them. The features themselves
-(what a tap is, how T_f noise is drawn) are :mod:`ddguide.method.features`.
+is one batch; a shard (torchrun or ``--shard i/n``) writes a part and the parts are joined into the artifact one
+process writes. The features themselves (what a tap is, how T_f noise is drawn) are
+:mod:`ddguide.method.features`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ddguide.core.data import (
 from ddguide.core.defaults import DEFAULT_TIMESTEPS
 from ddguide.core.errors import UserError
 from ddguide.core.model import load_model
-from ddguide.core.runtime import autocast, barrier, is_main_process, process_shard, resolve_device, shard_bounds
+from ddguide.core.outputs import join_when_complete
+from ddguide.core.runtime import Shard, autocast, barrier, part_path, resolve_device, resolve_shard
 from ddguide.method.features import FeatureSpec, compute
 
 
@@ -50,6 +52,7 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "fp32"
     resize: str = "refuse"
+    shard: str | None = None  # "i/n": this process extracts the i-th of n consecutive slices of the images
 
 
 def image_list_hash(files: Sequence[Path], root: str | Path) -> str:
@@ -83,11 +86,14 @@ def _labels(cfg: ExtractConfig, files: list[Path], size: int) -> tuple[dict[str,
 
 
 def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a ``features`` artifact: taps per (block, T_f) at native resolution, the images and their targets."""
+    """Write a ``features`` artifact: taps per (block, T_f) at native resolution, the images and their targets.
+
+    A shard writes its part and returns its path, or ``cfg.out`` once it joined every part."""
     if cfg.batch < 1:
         raise UserError("--batch must be >= 1")
     if cfg.storage not in ("fp32", "fp16"):
         raise UserError(f"unknown storage {cfg.storage!r} (fp32, fp16)")
+    shard = resolve_shard(cfg.shard)
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device)
     # No gradients here: weights that required them would each leave a bf16 copy in autocast's cache for the
@@ -101,9 +107,8 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     size, n = model.image_size, len(files)
     targets, label_info = _labels(cfg, files, size)
 
-    # under torchrun each rank extracts a consecutive slice of the images into a part; rank 0 joins the parts
-    rank, world = process_shard()
-    lo, hi = shard_bounds(n)
+    # a shard (torchrun or --shard) extracts a consecutive slice of the images into a part; the parts are joined
+    lo, hi = shard.bounds(n)
     dtype = torch.float16 if cfg.storage == "fp16" else torch.float32
     channels = model.net.cfg.in_channels  # a 1-channel model reads and stores grey images
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"images": ((hi - lo, size, size, channels),
@@ -115,7 +120,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     layout.update({k: ((hi - lo, *v.shape[1:]), v.dtype) for k, v in targets.items()})
     meta = artifacts.FeaturesMeta(spec=spec.to_dict(), image_size=size, model=model.fingerprint, count=n,
                                   images_hash=image_list_hash(files, cfg.data), storage=cfg.storage, **label_info)
-    out = Path(cfg.out) if world == 1 else _part_path(cfg.out, rank, world)
+    out = Path(cfg.out) if shard.alone else shard.part(cfg.out)
 
     with artifacts.StreamingWriter(out, layout, config=meta, fingerprint=model.fingerprint) as writer:
         for k, v in targets.items():
@@ -133,23 +138,34 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
             writer.write("images", start - lo, torch.from_numpy(batch))
             if progress:
                 progress(start - lo + len(batch), hi - lo)
-    if world > 1:
-        _join_parts(cfg.out, world, meta, model.fingerprint, device)
-    return Path(cfg.out)
+    if shard.alone:
+        return out
+    return Path(cfg.out) if _join(shard, Path(cfg.out), device) else out
 
 
-def _part_path(out: str | Path, rank: int, world: int) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.part{rank}of{world}{out.suffix}")
-
-
-def _join_parts(out: str | Path, world: int, meta: artifacts.FeaturesMeta, fingerprint: str,
-                device: torch.device) -> None:
-    """Every rank waits for the others' parts; rank 0 joins them into ``out`` and removes them."""
+def _join(shard: Shard, out: Path, device: torch.device) -> bool:
+    """torchrun: every rank waits for the others' parts and rank 0 joins them. ``--shard``: whichever shard
+    finds every part present joins them. Whether ``out`` now holds every part."""
+    if not shard.linked:
+        return join_when_complete(out, shard.parts(out), lambda: join_features(out, shard.world))
     barrier(device)
-    if is_main_process():
-        parts = [_part_path(out, r, world) for r in range(world)]
-        artifacts.join_row_parts(out, parts, config=meta, fingerprint=fingerprint)
-        for part in parts:
-            part.unlink()
+    if shard.rank == 0:
+        join_features(out, shard.world)
     barrier(device)  # every rank returns once the joined artifact exists
+    return True
+
+
+def join_features(out: str | Path, world: int) -> Path:
+    """Join the ``world`` parts of ``out`` (each a consecutive slice of the images, with one config) into the
+    artifact one process writes, tensor by tensor, and remove the parts."""
+    parts = [part_path(out, r, world) for r in range(world)]
+    first = artifacts.describe(parts[0], "features")
+    for part in parts[1:]:
+        other = artifacts.describe(part, "features")
+        if (other.config, other.fingerprint) != (first.config, first.fingerprint):
+            raise UserError(f"{part} and {parts[0]} come from different extract runs (other options, images or "
+                            "model); rerun every shard with the same options")
+    artifacts.join_row_parts(out, parts, kind="features", config=first.config, fingerprint=first.fingerprint)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return Path(out)

@@ -24,7 +24,7 @@ from ddguide.core.diffusion import sampling_timesteps
 from ddguide.core.errors import UserError
 from ddguide.core.model import Model, denoiser, load_model
 from ddguide.core.outputs import samples_folder, staged_folder
-from ddguide.core.runtime import process_shard, resolve_device
+from ddguide.core.runtime import Shard, resolve_device, resolve_shard
 from ddguide.core.samples import (
     GRID,
     GRID_IMAGES,
@@ -124,6 +124,7 @@ class SampleConfig:
     search_step: float = 0.5
     verifier: list[Any] = field(default_factory=list)  # like guides (default: the guides)
     normalize_grad: bool = False  # rescale each image's guidance gradient to unit RMS before lambda
+    shard: str | None = None  # "i/n": this process draws the i-th of n consecutive slices of the images
 
     def validate(self) -> None:
         """Every option on its own and in combination, before any file is read."""
@@ -138,6 +139,9 @@ class SampleConfig:
             raise UserError(f"unknown precision {self.precision!r} ({', '.join(PRECISIONS)})")
         if self.reject is not None:
             check_threshold(self.reject.threshold)
+            if self.shard is not None:
+                raise UserError("--reject runs in one process (its draws depend on what was accepted): give no "
+                                "--shard")
         elif self.cfg_scale is not None and not self.classes:
             raise UserError("--cfg needs --class")
         if self.cfg_uncond is not None and not self.cfg_scale:
@@ -213,6 +217,7 @@ class SampleResult:
     total: int  # images drawn
     per_class: dict[str, tuple[int, int]] | None = None  # with rejection: class -> (accepted, drawn)
     kept_images: Generated | None = None  # with keep=True: the written images in memory too
+    joined: bool = True  # a shard: whether index.csv and grid.png now cover every shard's images
 
 
 # ------------------------------------------------------------------------------------------- the options
@@ -617,7 +622,8 @@ class Quotas:
     def batches(self, rank: int, world: int) -> Iterator[tuple[list[int], list[int] | None]]:
         cfg = self.cfg
         if not self.rejecting:
-            mine = list(range(cfg.start, cfg.start + cfg.n))[rank::world]  # image k is the same on any shard
+            lo, hi = Shard(rank, world).bounds(cfg.n)  # image k is the same on any shard
+            mine = list(range(cfg.start + lo, cfg.start + hi))
             for first in range(0, len(mine), cfg.batch):
                 indices = mine[first:first + cfg.batch]
                 yield indices, None if self.ids is None else [self.ids[k % len(self.ids)] for k in indices]
@@ -661,7 +667,8 @@ def batches(run: Sampling, quotas: Quotas, rank: int = 0, world: int = 1,
     """The loop of every mode, writing nothing: draw each batch the quotas ask for, check it, and keep what the
     accept test takes. ``sample`` writes what it yields; ``generate`` returns it."""
     cfg, steps, rejecting = run.cfg, run.steps, run.rejector is not None
-    total = (cfg.n * len(run.ids or [])) if rejecting else len(range(cfg.start, cfg.start + cfg.n)[rank::world])
+    lo, hi = Shard(rank, world).bounds(cfg.n)
+    total = (cfg.n * len(run.ids or [])) if rejecting else hi - lo
     drawn = 0
     for indices, labels in quotas.batches(rank, world):
         cb = None
@@ -690,7 +697,7 @@ def _quotas(run: Sampling, world: int) -> Quotas:
     rejecting = run.rejector is not None
     if rejecting and world > 1:
         raise UserError("--reject runs in one process (its draws depend on what was accepted); run it without "
-                        "torchrun")
+                        "torchrun or --shard")
     return Quotas(run.cfg, run.ids, rejecting, name=lambda c: class_name(run.model, c))
 
 
@@ -731,14 +738,15 @@ def sample(cfg: SampleConfig, progress: Progress | None = None, *, model: Model 
            keep: bool = False) -> SampleResult:
     """Sample into ``cfg.out`` (PNGs, index.csv, grid.png); returns what was written (with ``keep``, also the
     images in memory). ``model``: an already loaded model in place of ``cfg.model``."""
+    shard = resolve_shard(cfg.shard)
     run = prepare(cfg, model)
-    rank, world = process_shard()
+    rank, world = shard.rank, shard.world
     quotas = _quotas(run, world)
     rows: list[dict[str, Any]] = []
     shown: list[np.ndarray] = []
-    drawn = 0
+    drawn, joined = 0, True
     # staged: the folder appears (or replaces an earlier samples folder) only once every image and the index are
-    # written; torchrun shards write in place and the last one to finish joins the index
+    # written; shards (torchrun or --shard) write in place and the last one to finish joins the index
     with staged_folder(cfg.out, "samples", own=samples_folder, in_place=world > 1) as out:
         kept: list[Batch] = []
         for batch in batches(run, quotas, rank, world, progress):
@@ -755,6 +763,6 @@ def sample(cfg: SampleConfig, progress: Progress | None = None, *, model: Model 
             write_grid(out / GRID, shown)
         else:
             write_index(out, rows, name=part_name(rank, world))
-            merge_shards(out, world)
+            joined = merge_shards(out, world)
     return SampleResult(Path(cfg.out), len(rows), drawn, _per_class(run, quotas),
-                        _gathered(run, quotas, kept) if keep else None)
+                        _gathered(run, quotas, kept) if keep else None, joined=joined)
