@@ -90,8 +90,8 @@ def sample(
     smc: Annotated[Optional[str], typer.Option(help=(
         "Particle sampler: fk (Feynman-Kac steering; implied by --particles K > 1), or tds (the twisted diffusion "
         "sampler: the Eq. 13 gradient shifts each step's kernel by lambda sigma^2 grad, exact importance weights, "
-        "the kept image drawn from the final weights; one backward pass per particle and step; a stochastic "
-        "sampler, --potential-scale is the twist's exponent)."))] = None,
+        "the kept image drawn from the final weights; one backward pass per particle and step; needs a "
+        "stochastic sampler; the potential scale is the twist's exponent)."))] = None,
     potential: Annotated[str, typer.Option(help=(
         "FK potential of a particle's lineage: max (running maximum of the reward), sum, or diff (its latest "
         "change)."))] = "max",
