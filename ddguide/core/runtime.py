@@ -89,8 +89,7 @@ def is_main_process() -> bool:
 
 def shard_bounds(n: int) -> tuple[int, int]:
     """The consecutive slice ``[lo, hi)`` of ``n`` items that this torchrun rank works on (all of them alone)."""
-    rank, world = process_shard()
-    return n * rank // world, n * (rank + 1) // world
+    return resolve_shard().bounds(n)
 
 
 def join_process_group(device: torch.device) -> None:
