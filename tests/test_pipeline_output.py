@@ -98,7 +98,8 @@ def test_json_of_convert_train_and_finetune(shapes, classes, tiny_model_path, tm
                        "parameters": sum(p.numel() for p in model.net.parameters())}
     common = ("--steps", 2, "--batch", 4, "--device", "cpu", "--precision", "fp32", "--json")
     figures = parsed(cli("train", shapes / "images", "--preset", "tiny", "--out", tmp_path / "m.safetensors", *common))
-    assert figures == {"ok": True, "command": "train", "out": str(tmp_path / "m.safetensors"), "steps": 2}
+    assert figures == {"ok": True, "command": "train", "out": str(tmp_path / "m.safetensors"), "steps": 2,
+                       "channels": 3}
     figures = parsed(cli("finetune", classes / "train", "--model", tiny_model_path, "--out",
                          tmp_path / "cond.safetensors", *common))
     assert figures == {"ok": True, "command": "finetune", "out": str(tmp_path / "cond.safetensors"), "steps": 2}
