@@ -121,7 +121,7 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=1))
         print(json.dumps(row), flush=True)
 
-    sample_args = ("-n", args.n, "--steps", args.steps, "--device", "cpu")
+    sample_args = ("-n", args.n, "--steps", args.steps, "--sampler", "ddim", "--device", "cpu")
     for seed in args.seeds:
         for attribute in args.attributes:
             if (attribute, seed, "unguided") not in done:

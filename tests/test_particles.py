@@ -105,13 +105,15 @@ def test_resampling_helpers():
 
 def test_best_of_one_is_the_plain_sampler_and_best_of_n_keeps_the_best(tiny_model_path, head, tmp_path,
                                                                         monkeypatch):
-    run(tiny_model_path, tmp_path / "plain")
-    one = run(tiny_model_path, tmp_path / "one", "--verifier", head, "--search", "best-of-n", "--candidates", 1)
+    run(tiny_model_path, tmp_path / "plain", "--sampler", "ddim")  # deterministic: the same noise, the same image
+    one = run(tiny_model_path, tmp_path / "one", "--verifier", head, "--search", "best-of-n", "--candidates", 1,
+              "--sampler", "ddim")
     assert np.array_equal(pixels(tmp_path / "one"), pixels(tmp_path / "plain")) and one[0]["chosen"] == "0:0"
     from ddguide.stages.sample import Sampling
 
     monkeypatch.setattr(Sampling, "reward", lambda self, x0, idx: x0.flatten(1).mean(1))  # brightest wins
-    rows = run(tiny_model_path, tmp_path / "best", "--verifier", head, "--search", "best-of-n", "--candidates", 4)
+    rows = run(tiny_model_path, tmp_path / "best", "--verifier", head, "--search", "best-of-n", "--candidates", 4,
+               "--sampler", "ddim")
     bright = pixels(tmp_path / "best").reshape(3, -1).mean(1)
     assert np.all(bright >= pixels(tmp_path / "plain").reshape(3, -1).mean(1) - 0.5)
     assert [r["candidates"] for r in rows] == ["4"] * 3
@@ -133,7 +135,7 @@ def test_zero_order_search_is_deterministic_per_image(tiny_model_path, head, tmp
     (("--particles", 2), "a head to score with"),
     (("--smc", "twist", "--guide", "{head}"), "--smc"),
     (("--smc", "tds", "--particles", 2), "--guide HEAD"),
-    (("--smc", "tds", "--guide", "{head}", "--eta", 0), "stochastic sampler"),
+    (("--smc", "tds", "--guide", "{head}", "--sampler", "ddim", "--eta", 0), "stochastic sampler"),
     (("--smc", "tds", "--guide", "{head}", "--verifier", "{head}"), "--verifier"),
     (("--smc", "tds", "--guide", "{head}", "--guide-every", 2), "do not apply"),
     (("--search", "beam", "--guide", "{head}"), "--search"),

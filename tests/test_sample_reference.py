@@ -92,5 +92,7 @@ def test_sample_outputs_are_the_recorded_ones(mode, files, tmp_path):
         options = ["--model", str(files["tiny"]), *options]
     if "--precision" not in options:
         options += ["--precision", "fp32"]
+    if "--sampler" not in options:  # recorded with DDIM, the default sampler before DDPM measured better
+        options += ["--sampler", "ddim"]
     expect_ok(cli("sample", *options, "-n", 4, "--steps", 4, "--device", "cpu", "--out", tmp_path / "s"))
     assert digest(tmp_path / "s") == DIGESTS[mode], mode

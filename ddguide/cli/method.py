@@ -35,8 +35,9 @@ def sample(
     model: ModelOpt = None,
     n: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 16,
     steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
-    sampler: Annotated[str, typer.Option(
-        help="ddim, or ddpm (ancestral: cleaner samples from the shipped model, see the model card).")] = "ddim",
+    sampler: Annotated[str, typer.Option(help=(
+        "ddpm (ancestral; from the shipped model at 50 steps 91.4 % of the samples are valid against DDIM's 86.7 %, "
+        "README model card) or ddim (deterministic with --eta 0, as the guidance benchmarks use)."))] = "ddpm",
     eta: Annotated[Optional[float], typer.Option(help=(
         "DDIM eta: 0 deterministic, 1 DDPM-like noise (default 0; 1 with --particles, whose resampled copies "
         "need noise to differ)."))] = None,
