@@ -353,9 +353,9 @@ def _acceptance_table(result: Any) -> None:
 def merge_command(
     out: Annotated[Path, typer.Argument(help=(
         "The output the --shard runs named: a samples or filter folder (its index.partIofN.csv), a features "
-        "artifact or fid statistics (the OUT.partIofN.safetensors beside it)."))],
+        "artifact, fid statistics or a cas report (the OUT.partIofN.safetensors beside it)."))],
 ) -> None:
-    """Join the parts that `--shard i/n` runs of sample, extract, filter or fid wrote (the last shard to finish
+    """Join the parts that `--shard i/n` runs of sample, extract, filter, fid or cas wrote (the last shard to finish
     does it itself; this is for parts gathered from elsewhere or a shard rerun alone)."""
     from ddguide.stages.merge import merge
 

@@ -109,7 +109,9 @@ def cas_command(
              "it is removed once the report is written, unless --keep-checkpoint.")]
         = Path("cas_report.safetensors"),
     keep_checkpoint: Annotated[bool, typer.Option(
-        "--keep-checkpoint", help="Keep the trained classifier's checkpoint beside the report.")] = False,
+        "--keep-checkpoint", help=(
+            "Keep the trained classifier's checkpoint beside the report (--shard runs test with it; joining their "
+            "parts removes it unless a shard was given --keep-checkpoint too)."))] = False,
     stem: Annotated[str, typer.Option(
         help="auto (3x3 stride-1 stem without max-pool for images of 64 px or less), small or imagenet.")] = "auto",
     image_size: Annotated[Optional[int], typer.Option(
@@ -120,18 +122,26 @@ def cas_command(
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help=(
         "Random horizontal flips of the training images; --no-hflip for data whose mirror image is another "
         "thing (digits, text)."))] = True,
+    shard: Annotated[Optional[str], typer.Option(metavar="I/N", help=(
+        "Test the I-th of N consecutive slices of the test images (0 <= I < N) with the classifier trained "
+        "before (its checkpoint beside --out: train first without --shard or under torchrun, with "
+        "--keep-checkpoint), for job arrays "
+        "whose processes cannot talk: each shard writes its part of the report and the last to finish joins "
+        "the parts (else `ddguide merge OUT`). Under torchrun leave it out: the ranks train with DDP and split "
+        "the test set themselves."))] = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
 ) -> None:
     """Classification Accuracy Score: train a classifier on (synthetic) data, test it on real data."""
+    from ddguide.core.runtime import is_main_process
     from ddguide.stages.cas import CasConfig
     from ddguide.stages.cas import cas as run
 
     cfg = CasConfig(train=[str(t) for t in train], test=str(test), out=str(out), arch=arch, epochs=epochs,
                     batch=batch, lr=lr, milestones=list(milestones), mixup_cutmix=mixup_cutmix, stem=stem,
                     image_size=image_size, resize=resize, seed=seed, precision=precision, device=device,
-                    threads=threads, hflip=hflip, keep_checkpoint=keep_checkpoint)
+                    threads=threads, hflip=hflip, keep_checkpoint=keep_checkpoint, shard=shard)
     warning = [cfg.milestone_warning()]  # said once training starts: a refused run keeps its one error line
 
     def update(done: int, total: int, info: str = "") -> None:
@@ -145,6 +155,14 @@ def cas_command(
 
     with progress_bar("CAS") as bar:
         result = run(cfg, progress=update)
+    if not is_main_process():  # under torchrun every rank has the result; rank 0 reports it
+        return
+    if not result.joined:
+        console.print(f"wrote shard {shard} of the report ({result.n_test} test images, top-1 "
+                      f"{100 * result.top1:.2f}%) to {result.report}; the last shard to finish joins the parts "
+                      f"into {out}", highlight=False)
+        report(out=result.report, shard=shard, joined=False, n_test=result.n_test)
+        return
     table = Table(title="Classification Accuracy Score (real test set)")
     table.add_column("metric")
     table.add_column("value", justify="right")

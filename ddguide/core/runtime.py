@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -113,6 +113,28 @@ def all_gather(value: Any, device: torch.device) -> list[Any]:
     values: list[Any] = [None] * world
     dist.all_gather_object(values, value)
     return values
+
+
+def sum_over_ranks(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum of every rank's ``value`` (one shape on all ranks), on every rank; ``value`` in a single process."""
+    if process_shard()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    join_process_group(device)
+    total = value.detach().to(device, copy=True)
+    dist.all_reduce(total)
+    return total
+
+
+def broadcast_from_main(tensors: Iterable[torch.Tensor], device: torch.device) -> None:
+    """Overwrite ``tensors`` (on ``device``) with rank 0's values, in place on every rank of a torchrun group."""
+    if process_shard()[1] > 1:
+        import torch.distributed as dist
+
+        join_process_group(device)
+        for t in tensors:
+            dist.broadcast(t, 0)
 
 
 def barrier(device: torch.device) -> None:

@@ -5,7 +5,8 @@ itself; ``merge`` is for when that could not happen (a shard failed and was reru
 where they could not see each other's files until they were copied together). What a part is, and how parts
 join, belongs to the stage that wrote it: index parts of a samples or filter folder (``index.partIofN.csv``,
 :func:`ddguide.core.samples.merge_shards`), features (``feats.partIofN.safetensors``,
-:func:`ddguide.stages.extract.join_features`) and FID statistics (:func:`ddguide.metrics.fid.merge_parts`).
+:func:`ddguide.stages.extract.join_features`), FID statistics (:func:`ddguide.metrics.fid.merge_parts`) and CAS
+reports (:func:`ddguide.stages.cas.join_report`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from ddguide.core import artifacts
 from ddguide.core.errors import UserError
 from ddguide.core.samples import INDEX, merge_shards, read_samples
 from ddguide.metrics.fid import merge_parts
+from ddguide.stages.cas import join_report
 from ddguide.stages.extract import join_features
 
 
 @dataclass
 class MergeResult:
     out: Path
-    kind: str  # samples, features or fid-stats
+    kind: str  # samples, features, fid-stats or report
     parts: int
     images: int
 
@@ -43,6 +45,8 @@ def merge(out: str | Path) -> MergeResult:
         return MergeResult(out, kind, world, int(artifacts.describe(out, "features").config.get("count", 0)))
     if kind == "fid-stats":
         return MergeResult(out, kind, world, merge_parts(out, world).n)
+    if kind == "report":  # the test images' predictions of a cas classifier
+        return MergeResult(out, kind, world, join_report(out, world).n_test)
     raise UserError(f"{out}: its parts are {kind} artifacts, which no sharded stage writes")
 
 

@@ -216,7 +216,7 @@ def _training_module(net: UNetModel, recipe: Recipe, device: torch.device, world
     the plain module, so state_dict keys, EMA and clipping are unchanged."""
     if world > 1:
         join_process_group(device)
-    model = _ddp(net, device) if world > 1 else net
+    model = ddp_module(net, device) if world > 1 else net
     return torch.compile(model) if recipe.compile else model
 
 
@@ -330,9 +330,11 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed + 1_000_003 * rank + 7919 * step) % 2**63
 
 
-def _ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def ddp_module(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``net`` wrapped in DistributedDataParallel, which averages its gradients over torchrun's processes."""
     from torch.nn.parallel import DistributedDataParallel
 
+    join_process_group(device)
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
 
