@@ -37,7 +37,7 @@ def sample(
     steps: Annotated[int, typer.Option(help="Sampling steps (respaced from the model's schedule).")] = 50,
     sampler: Annotated[str, typer.Option(help=(
         "ddpm (ancestral; from the shipped model at 50 steps 91.4 % of the samples are valid against DDIM's 86.7 %, "
-        "README model card) or ddim (deterministic with --eta 0, as the guidance benchmarks use)."))] = "ddpm",
+        "README model card) or ddim (deterministic at eta 0, as the guidance benchmarks use)."))] = "ddpm",
     eta: Annotated[Optional[float], typer.Option(help=(
         "DDIM eta: 0 deterministic, 1 DDPM-like noise (default 0; 1 with --particles, whose resampled copies "
         "need noise to differ)."))] = None,
