@@ -156,7 +156,9 @@ def test_torchrun_trains_with_ddp_resumes_and_gathers_the_test(sets, tmp_path):
     runs.mkdir()
     r = torchrun(script, *sets, runs)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = re.findall(r"\[rank (\d) exit (\d+)\] (.*)", r.stdout)
+    # the two ranks share stdout: a record ends at a newline or where the other rank's record begins
+    lines = [(rank, code, text.strip()) for rank, code, text in
+             re.findall(r"\[rank (\d) exit (\d+)\]([^\n]*?)(?=\[rank \d exit|\n|$)", r.stdout)]
     assert sorted((rank, code) for rank, code, _ in lines) == [("0", "0")] * 3 + [("1", "0")] * 3, r.stdout
     assert all("top-1" in text for rank, _, text in lines if rank == "0")
     assert all(text == "" for rank, _, text in lines if rank == "1")  # rank 0 alone reports
