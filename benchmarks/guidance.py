@@ -9,6 +9,8 @@ per seed and method, all through `ddguide.stages.sample.sample` (what `ddguide s
     fk-K            Feynman-Kac steering with K particles, potentials from the head (--particles K)
     fk-K+eq13       FK whose proposal is the Eq. 13 step (--particles K --lambda 1 --guide-grad x0)
     zero-order      --search zero-order --candidates 2 --rounds 1
+    tds-K           the twisted diffusion sampler with K particles (--smc tds --particles K --lambda 1
+                    --guide-grad x0; DDIM eta 1)
 
 Reported per method: the oracle's share of images with the attribute, the share of valid images, the Frechet
 distance (denoiser `mid` features, as `ddguide fid --features denoiser`) to real images that have the attribute,
@@ -54,6 +56,8 @@ METHODS = {
     "fk-8": {"particles": 8, "lam": 0.0},
     "fk-4+eq13": {"particles": 4, "lam": 1.0, "guide_grad": "x0"},
     "zero-order": {"search": "zero-order", "candidates": 2, "rounds": 1, "lam": 0.0},
+    "tds-2": {"particles": 2, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
+    "tds-4": {"particles": 4, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
 }
 
 
@@ -117,7 +121,8 @@ def measure(head: Path, attribute: str, method: str, seed: int, n: int, steps: i
     guided = method != "unguided"
     with tempfile.TemporaryDirectory() as tmp, Counter() as count:
         start = time.perf_counter()
-        cfg = SampleConfig(out=str(Path(tmp) / "s"), n=n, steps=steps, seed=1000 * seed, batch=batch, device="cpu",
+        cfg = SampleConfig(out=str(Path(tmp) / "s"), n=n, steps=steps, sampler="ddim", seed=1000 * seed, batch=batch,
+                           device="cpu",
                            precision="auto", guides=[str(head)] if guided else [], **options)
         sample(cfg)
         wall = time.perf_counter() - start
