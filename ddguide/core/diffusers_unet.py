@@ -31,6 +31,7 @@ from torch import nn
 from ddguide.core import artifacts
 from ddguide.core.diffusion import DiffusionConfig
 from ddguide.core.errors import UserError
+from ddguide.core.unet import RecordedBlocks
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -109,7 +110,7 @@ class _Stop(Exception):
     """Raised by the hook of the deepest tapped block: the rest of the forward pass is not needed."""
 
 
-class DiffusersUNet(nn.Module):
+class DiffusersUNet(RecordedBlocks, nn.Module):
     """A diffusers ``UNet2DModel`` with ddguide's network interface. Its state dict is the diffusers module's own
     (the wrapper holds nothing else), so artifacts keep diffusers' tensor names."""
 
@@ -183,22 +184,10 @@ class DiffusersUNet(nn.Module):
         self.check_blocks([name])
         return _blocks_of(self.unet)[name]
 
-    def block_channels(self, name: str) -> int:
-        self.check_blocks([name])
-        return self._blocks[name][0]
-
-    def block_downsampling(self, name: str) -> int:
-        self.check_blocks([name])
-        return self._blocks[name][1]
-
-    def check_blocks(self, blocks: Iterable[str]) -> None:
-        """Refuse block names this network does not have (one line naming the ones it has)."""
-        for b in blocks:
-            if b not in self._blocks:
-                n = len(self.unet.down_blocks)
-                mid = ", mid" if "mid" in self._blocks else ""
-                raise UserError(f"unknown block {b!r}; this diffusers model has down.0..down.{n - 1}{mid}, "
-                                f"up.0..up.{len(self.unet.up_blocks) - 1}")
+    def known_blocks(self) -> str:
+        mid = ", mid" if "mid" in self._blocks else ""
+        return (f"this diffusers model has down.0..down.{len(self.unet.down_blocks) - 1}{mid}, "
+                f"up.0..up.{len(self.unet.up_blocks) - 1}")
 
     # -- forward ---------------------------------------------------------------------------------------------
 

@@ -214,7 +214,34 @@ class AttentionBlock(nn.Module):
 # --------------------------------------------------------------------------------------------- the network
 
 
-class UNetModel(nn.Module):
+class RecordedBlocks:
+    """The tap shapes a network records when it is built, ``_blocks[name] = (channels, downsampling)``, and the
+    questions every network answers from them (the ADM U-Net and the diffusers wrapper share them).
+    ``known_blocks()`` says, for the one-line refusal of an unknown block, which blocks the network has."""
+
+    _blocks: dict[str, tuple[int, int]]
+
+    def known_blocks(self) -> str:
+        raise NotImplementedError
+
+    def block_channels(self, name: str) -> int:
+        """Channels of a tapped block's output."""
+        self.check_blocks([name])
+        return self._blocks[name][0]
+
+    def block_downsampling(self, name: str) -> int:
+        """How many times smaller than the image a block's output is."""
+        self.check_blocks([name])
+        return self._blocks[name][1]
+
+    def check_blocks(self, blocks: Iterable[str]) -> None:
+        """Refuse block names this network does not have (one line naming the ones it has)."""
+        for b in blocks:
+            if b not in self._blocks:
+                raise UserError(f"unknown block {b!r}; {self.known_blocks()}")
+
+
+class UNetModel(RecordedBlocks, nn.Module):
     """ADM U-Net: ``forward(x, t, y)`` returns the raw output (eps, plus variance channels if learn_sigma)."""
 
     def __init__(self, cfg: UNetConfig):
@@ -304,23 +331,8 @@ class UNetModel(nn.Module):
         modules = [*self.input_blocks, self.middle_block, *self.output_blocks]  # block_names() order
         return modules[self.block_names().index(name)]
 
-    def block_channels(self, name: str) -> int:
-        """Channels of a tapped block's output."""
-        self.check_blocks([name])
-        return self._blocks[name][0]
-
-    def block_downsampling(self, name: str) -> int:
-        """How many times smaller than the image a block's output is."""
-        self.check_blocks([name])
-        return self._blocks[name][1]
-
-    def check_blocks(self, blocks: Iterable[str]) -> None:
-        """Refuse block names this network does not have (one line naming the ones it has)."""
-        valid = self.block_names()
-        for b in blocks:
-            if b not in valid:
-                raise UserError(f"unknown block {b!r}; this model has in.0..in.{len(self.input_blocks) - 1}, "
-                                f"mid, out.0..out.{len(self.output_blocks) - 1}")
+    def known_blocks(self) -> str:
+        return f"this model has in.0..in.{len(self.input_blocks) - 1}, mid, out.0..out.{len(self.output_blocks) - 1}"
 
     # -- forward ---------------------------------------------------------------------------------------------
 
