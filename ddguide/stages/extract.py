@@ -31,7 +31,7 @@ from ddguide.core.defaults import DEFAULT_TIMESTEPS
 from ddguide.core.errors import UserError
 from ddguide.core.model import load_model
 from ddguide.core.outputs import join_when_complete
-from ddguide.core.runtime import Shard, autocast, barrier, part_path, resolve_device, resolve_shard
+from ddguide.core.runtime import Shard, autocast, barrier, part_path, resolve_device, resolve_shard, store_for_autocast
 from ddguide.method.features import FeatureSpec, compute
 
 
@@ -99,6 +99,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     # No gradients here: weights that required them would each leave a bf16 copy in autocast's cache for the
     # whole pass (1.1 GB at the ffhq layout).
     model.requires_grad_(False)
+    store_for_autocast(model, cfg.precision, device)  # the same features; half the weights' memory under bf16
     spec = FeatureSpec(tuple(cfg.blocks) or model.net.default_taps(), tuple(cfg.timesteps), cfg.noise, cfg.seed)
     spec.check(model)
     files = list_images(cfg.data)
