@@ -15,6 +15,8 @@ from PIL import Image
 
 from conftest import cli as run
 from conftest import expect_ok as ok
+from ddguide.core import artifacts
+from ddguide.core.checkpoint import checkpoint_path
 
 DEVICE = os.environ.get("DDGUIDE_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -57,6 +59,23 @@ def test_samples_on_the_device_equal_those_on_the_cpu(tiny_model_path, tmp_path,
     a, b = pngs(tmp_path / "cpu"), pngs(tmp_path / DEVICE)
     assert a.shape == b.shape == (3, 16, 16, 3)
     assert np.abs(a - b).mean() < 2.0  # the same seeds and noise: only float rounding differs (TF32 on GPUs)
+
+
+def test_training_on_the_device_draws_its_noise_there_and_resumes_exactly(root, tmp_path):
+    args = ["train", root / "images", "--preset", "tiny", "--batch", 4, "--checkpoint-every", 2, "--precision", "fp32",
+            "--preview", 0, "--device", DEVICE]
+    whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"
+    ok(run(*args, "--steps", 4, "--out", whole))
+    ok(run(*args, "--steps", 2, "--out", resumed))
+    ok(run(*args, "--steps", 4, "--out", resumed))  # continues from the checkpoint at step 2
+    a, b = (artifacts.load(checkpoint_path(p)).tensors for p in (whole, resumed))
+    assert a.keys() == b.keys() and ("rng.device" in a) == DEVICE.startswith("cuda")  # the default on CUDA
+    for key in ("rng", "rng.device"):  # the same draws: the generators' states are restored exactly
+        assert key not in a or torch.equal(a[key], b[key]), key
+    assert len(b["losses"]) == 4 and torch.allclose(a["losses"], b["losses"], rtol=1e-3, atol=1e-6)
+    for k in a:  # the same steps; only the GPU's nondeterministic reductions may differ
+        if k.startswith(("model.", "ema.")):
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
 
 
 def test_the_method_on_the_device(root, tiny_model_path, tmp_path):

@@ -87,3 +87,42 @@ def test_sharded_extract_equals_one_process(images, tiny_model_path, tmp_path):
     for k in a.tensors:  # image k gets the same noise whichever rank computes it
         assert torch.allclose(a.tensors[k].float(), b.tensors[k].float(), atol=1e-5), k
     assert sorted(p.name for p in tmp_path.iterdir() if "part" in p.name) == []  # the parts are gone
+
+
+STREAM_SCRIPT = """
+import sys
+import torch
+from pathlib import Path
+from ddguide.core import artifacts
+from ddguide.core.diffusion import DiffusionConfig
+from ddguide.core.presets import PRESETS
+from ddguide.core.runtime import process_shard
+from ddguide.core.unet import UNetModel
+from ddguide.stages.training import Recipe, fit
+
+out, steps = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(1)
+torch.manual_seed(0)
+net = UNetModel(PRESETS["tiny"].unet)
+pixels = torch.randint(0, 255, (6, 16, 16, 3), dtype=torch.uint8)
+recipe = Recipe(steps=steps, batch=4, lr=1e-3, warmup=0, precision="fp32", checkpoint_every=2, report_every=50,
+                device_stream=True)
+fit(net, DiffusionConfig(1000, "linear"), recipe, Path(out), {"stream": 1}, torch.Generator().manual_seed(0),
+    lambda: (pixels, None), torch.device("cpu"))
+artifacts.save(f"{out}.rank{process_shard()[0]}", dict(net.state_dict()), kind="checkpoint", config={},
+               fingerprint="")
+"""
+
+
+def test_ddp_with_the_device_stream_keeps_each_ranks_stream(tmp_path):
+    script, ckpt = tmp_path / "stream.py", tmp_path / "s.ckpt.safetensors"
+    script.write_text(STREAM_SCRIPT)
+    for steps in (3, 5):  # the second run resumes from the checkpoint at step 3
+        r = torchrun(script, ckpt, steps)
+        assert r.returncode == 0, r.stderr[-3000:]
+        a = artifacts.load(f"{ckpt}.rank0", "checkpoint").tensors
+        b = artifacts.load(f"{ckpt}.rank1", "checkpoint").tensors
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the losses are read together, the ranks stay in step
+        t = artifacts.load(ckpt, "checkpoint").tensors
+        assert not torch.equal(t["rng.device"], t["rng.device.1"])  # each rank its own device stream
+        assert len(t["losses"]) == steps and bool(torch.isfinite(t["losses"]).all())

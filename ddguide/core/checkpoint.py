@@ -3,7 +3,9 @@ beside their output.
 
 A checkpoint holds the network's weights (``model.<name>``), the EMA weights (``ema.<name>``, absent for a run
 without EMA), Adam's state (``adam.<param>.<slot>``), the generator state (``rng``; ``rng.<r>`` for the other ranks
-of a torchrun group) and the loss history (``losses``, one value per step). Its config is a
+of a torchrun group), the device stream's generator state when the run draws t and the noise on the device
+(``rng.device``; ``rng.device.<r>`` for the other ranks; absent otherwise) and the loss history (``losses``, one
+value per step). Its config is a
 :class:`CheckpointMeta`: the run's identity, which a resumed run must match, and the step reached.
 """
 
@@ -60,25 +62,30 @@ def checkpoint_path(out: str | Path) -> Path:
 
 def save_checkpoint(path: Path, identity: dict[str, Any], net: torch.nn.Module, ema: Ema | None,
                     opt: torch.optim.Optimizer, gen: torch.Generator, state: RunState,
-                    other_rngs: Sequence[torch.Tensor] = ()) -> None:
-    """Write the whole state of a run (atomically); ``other_rngs`` are the generator states of ranks 1, 2, ...
-    and ``ema`` None is a run without EMA weights."""
+                    other_rngs: Sequence[torch.Tensor] = (), device_rngs: Sequence[torch.Tensor] = ()) -> None:
+    """Write the whole state of a run (atomically); ``other_rngs`` are the generator states of ranks 1, 2, ...,
+    ``device_rngs`` the device streams' states of ranks 0, 1, ... (none: a run without one) and ``ema`` None is a
+    run without EMA weights."""
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
     tensors.update(_adam_tensors(net, opt))
     tensors["rng"] = gen.get_state()
     tensors.update({f"rng.{r}": rng for r, rng in enumerate(other_rngs, start=1)})
+    tensors.update({_device_key(r): rng for r, rng in enumerate(device_rngs)})
     tensors["losses"] = torch.tensor(state.losses, dtype=torch.float32)
     artifacts.save(path, tensors, config=CheckpointMeta(identity=identity, step=state.step), fingerprint="")
 
 
 def restore_checkpoint(path: Path, identity: dict[str, Any], net: torch.nn.Module, ema: Ema | None,
                        opt: torch.optim.Optimizer, gen: torch.Generator, state: RunState, device: torch.device,
-                       rank: int = 0) -> bool:
+                       rank: int = 0, device_gen: torch.Generator | None = None) -> bool:
     """Load a checkpoint of the same run into ``net``, ``ema``, ``opt``, ``gen`` and ``state``.
 
     A checkpoint of another identity, or one that lacks part of the state, is refused in one line. Returns False
     when it holds no generator state for ``rank`` (a rank the saved run did not have); ``gen`` is then unchanged.
+    ``device_gen``, a run's device stream, takes the state saved for ``rank`` when the checkpoint holds one of its
+    kind; otherwise (a run without a device stream, one on another kind of device) it is seeded from ``gen`` as
+    restored, so the resumed run is still one fixed sequence.
     """
     art = artifacts.load(path, "checkpoint")
     meta = CheckpointMeta.from_metadata(art.config, path)
@@ -97,7 +104,23 @@ def restore_checkpoint(path: Path, identity: dict[str, Any], net: torch.nn.Modul
     rng = t.get("rng" if rank == 0 else f"rng.{rank}")
     if rng is not None:
         gen.set_state(rng)
+    if device_gen is not None:
+        saved = t.get(_device_key(rank))
+        if saved is not None and saved.dtype == torch.uint8 and saved.shape == device_gen.get_state().shape:
+            device_gen.set_state(saved)
+        else:
+            seed_device_stream(device_gen, gen)
     return rng is not None
+
+
+def seed_device_stream(device_gen: torch.Generator, gen: torch.Generator) -> None:
+    """Seed a run's device stream from its generator (one draw from ``gen``): a fresh run is reproducible from its
+    seed alone."""
+    device_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+
+
+def _device_key(rank: int) -> str:
+    return "rng.device" if rank == 0 else f"rng.device.{rank}"
 
 
 def _adam_tensors(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

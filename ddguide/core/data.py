@@ -127,8 +127,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) or (H, W, C) -> float32 (N, C, H, W) in [-1, 1] (C = 1 for grey, 3 for RGB)."""
     if images.ndim == 3:
         images = images[None]
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float()
-    return x / 127.5 - 1.0
+    return pixels_to_unit(torch.from_numpy(np.ascontiguousarray(images)))
+
+
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, C) on any device -> float32 (N, C, H, W) in [-1, 1] on the same device."""
+    return pixels.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ddguide.core import artifacts
-from ddguide.core.checkpoint import RunState, restore_checkpoint, save_checkpoint
-from ddguide.core.data import to_tensor
+from ddguide.core.checkpoint import RunState, restore_checkpoint, save_checkpoint, seed_device_stream
+from ddguide.core.data import pixels_to_unit, to_tensor
 from ddguide.core.diffusion import DiffusionConfig, alphas_cumprod, q_sample, split_output
 from ddguide.core.errors import UserError
 from ddguide.core.model import Model, save_model
@@ -38,7 +38,7 @@ from ddguide.core.runtime import (
 from ddguide.core.unet import UNetConfig, UNetModel
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, loss and speed)
-Labels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # batch indices -> class ids for the batch
+Labels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # batch indices -> class ids (on the CPU)
 Reader = Callable[[], tuple[torch.Tensor, Labels | None]]  # -> uint8 (N, H, W, C) images, labels or None
 OnCheckpoint = Callable[[dict[str, torch.Tensor], "RunState"], None]  # (EMA weights, state) after each save
 
@@ -52,7 +52,14 @@ class Recipe:
     or with ``lr_final`` follows a half cosine from ``lr`` down to ``lr_final`` at ``steps``. ``compile`` runs the
     steps through ``torch.compile``: the same optimisation (the first step pays for the compilation), so a run
     may be resumed with or without it; ``fit`` refuses it with bf16 on the CPU. ``p2_gamma`` > 0 weights each
-    image's squared error by ``loss_weights`` (P2, Choi et al. 2022). ``seed`` seeds the stage's generator."""
+    image's squared error by ``loss_weights`` (P2, Choi et al. 2022). ``seed`` seeds the stage's generator.
+
+    ``device_stream`` draws each step's t and noise on the device from a generator of the run's own (seeded from
+    the stage's, saved in the checkpoint) and keeps the losses there, reading them back every ``report_every``
+    steps, before each checkpoint and at the end: no copy of noise and no wait for the device at each step. None
+    (the default) turns it on for CUDA and off for the CPU, whose runs are the same as before it existed; True on
+    the CPU runs the same code with a CPU generator in the device's place (for tests). The two modes draw other
+    noise, so they train other (equally good) weights; a checkpoint of either resumes in the other."""
 
     steps: int
     lr: float
@@ -67,11 +74,15 @@ class Recipe:
     p2_gamma: float = 0.0
     p2_k: float = 1.0
     seed: int = 0
+    device_stream: bool | None = None
+    report_every: int = 50
 
     def validate(self) -> None:
         """Refuse counts below 1, a learning rate that is not positive and P2 settings out of range."""
         if self.steps < 1 or self.batch < 1 or self.checkpoint_every < 1:
             raise UserError("--steps, --batch and --checkpoint-every must be >= 1")
+        if self.report_every < 1:
+            raise UserError(f"report_every must be >= 1 (got {self.report_every})")
         if self.p2_gamma < 0 or self.p2_k <= 0:
             raise UserError(f"--p2-gamma must be >= 0 and --p2-k > 0 (got {self.p2_gamma:g} and {self.p2_k:g})")
         if not self.lr > 0 or (self.lr_final is not None and not 0 <= self.lr_final <= self.lr):
@@ -139,60 +150,133 @@ def fit(net: UNetModel, diffusion: DiffusionConfig, recipe: Recipe, ckpt: Path, 
     after the checkpoint is accepted, so a refused run reads no images. Each step draws, in this order, the
     batch indices, the labels, t and the noise from ``gen``: a resumed run continues the same sequence.
 
+    With the recipe's device stream (on by default for CUDA) the indices and labels still come from ``gen``, a
+    few integers on the CPU, but t and the noise are drawn on the device from a generator seeded from ``gen`` at
+    the start and saved in the checkpoint beside it; images that fit (up to 2 GiB) are copied to the device once.
+    The losses stay on the device until the next read (every ``recipe.report_every`` steps, before each
+    checkpoint, at the end), which is also when progress is reported and a NaN or inf loss stops the run, naming
+    the step it first appeared at, before the next checkpoint is saved.
+
     Under ``torchrun`` every process draws ``batch / WORLD_SIZE`` images from its own stream (rank 0 keeps
     ``gen``'s, so one process is the same run as before) and DDP averages the gradients; the checkpoint keeps
-    every rank's generator state and only rank 0 writes files and reports progress.
+    every rank's generator states and only rank 0 writes files and reports progress.
     """
     rank, world = process_shard()
     recipe = replace(recipe, precision=resolve_precision(recipe.precision, device, compile=recipe.compile))
     _check_run(recipe, device, world)
     if rank:
         gen.manual_seed(_rank_seed(gen.initial_seed(), rank, 0))
+    stream = device_generator(recipe, device)  # None: everything drawn from `gen`, as before the device stream
+    if stream is not None:
+        seed_device_stream(stream, gen)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     state = RunState()
 
     # Resume.
     if ckpt.exists():
-        if not restore_checkpoint(ckpt, identity, net, ema, opt, gen, state, device, rank):
+        if not restore_checkpoint(ckpt, identity, net, ema, opt, gen, state, device, rank, device_gen=stream):
             gen.manual_seed(_rank_seed(gen.initial_seed(), rank, state.step))  # a rank the last run did not have
+            if stream is not None:
+                seed_device_stream(stream, gen)
     if export:
         if not ckpt.exists():
             raise UserError(f"--export: no checkpoint {ckpt} to write a model from (train first)")
         return ema, state
     images, labels = read()
+    if stream is not None and images.numel() * images.element_size() <= DEVICE_IMAGES_BYTES:
+        images = images.to(device)  # once, so that a step copies no pixels
     abar = alphas_cumprod(diffusion).to(device)
     batch = recipe.batch // world
     model = _training_module(net, recipe, device, world)
     net.train()
-    t_last = time.time()
+    pending: list[torch.Tensor] = []  # the device stream's losses not yet read back, one 0-d tensor per step
+    t_last, reported = time.time(), state.step
     while state.step < recipe.steps:
         # Train.
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x0 = to_tensor(images[idx].numpy()).to(device)  # (B, C, H, W) in [-1, 1]
-        y = labels(idx, gen).to(device) if labels else None  # (B,) or None
-        t = torch.randint(0, diffusion.steps, (batch,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        if stream is None:
+            idx = torch.randint(0, len(images), (batch,), generator=gen)
+            x0 = to_tensor(images[idx].numpy()).to(device)  # (B, C, H, W) in [-1, 1]
+            y = labels(idx, gen).to(device) if labels else None  # (B,) or None
+            t = torch.randint(0, diffusion.steps, (batch,), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+        else:
+            x0, y, t, noise = stream_batch(images, labels, gen, stream, diffusion.steps, batch, device)
         loss = _loss(model, diffusion, recipe, abar, x0, y, t, noise, device)
-        check_finite_loss(loss, state.step + 1, recipe.lr)
+        if stream is None:
+            check_finite_loss(loss, state.step + 1, recipe.lr)
         _step(net, opt, loss, recipe, state.step)
         ema_update(ema, net, recipe.ema_decay, state.step)
         state.step += 1
-        state.losses.append(_mean_over_ranks(loss.detach(), world))
+        if stream is None:
+            state.losses.append(_mean_over_ranks(loss.detach(), world))
+        else:
+            pending.append(loss.detach())
 
-        # Checkpoint, then report: a stop during the report loses no finished step.
-        if state.step % recipe.checkpoint_every == 0 or state.step == recipe.steps:
-            rngs = all_gather(gen.get_state(), device)
+        # Read the losses back (the device stream), checkpoint, then report: a stop during the report loses no
+        # finished step.
+        saving = state.step % recipe.checkpoint_every == 0 or state.step == recipe.steps
+        reading = stream is None or saving or state.step % recipe.report_every == 0
+        if pending and reading:
+            read_losses(pending, state, world, recipe.lr)
+        if saving:
+            rngs = all_gather((gen.get_state(), stream.get_state() if stream is not None else None), device)
             if rank == 0:
-                save_checkpoint(ckpt, identity, net, ema, opt, gen, state, rngs[1:])
+                device_rngs = [d for _, d in rngs] if stream is not None else []
+                save_checkpoint(ckpt, identity, net, ema, opt, gen, state, [r for r, _ in rngs[1:]], device_rngs)
                 if on_checkpoint:
                     on_checkpoint(ema, state)
-        if progress and rank == 0:
+        if progress and rank == 0 and reading:
             now = time.time()
-            progress(state.step, recipe.steps, f"loss {np.mean(state.losses[-50:]):.4f}  "
-                                               f"{recipe.batch / max(now - t_last, 1e-9):.0f} img/s")
-            t_last = now
+            speed = recipe.batch * (state.step - reported) / max(now - t_last, 1e-9)
+            progress(state.step, recipe.steps, f"loss {np.mean(state.losses[-50:]):.4f}  {speed:.0f} img/s")
+            t_last, reported = now, state.step
     return ema, state
+
+
+DEVICE_IMAGES_BYTES = 2 * 2**30  # the device stream copies a training set up to this size to the device once
+
+
+def device_generator(recipe: Recipe, device: torch.device) -> torch.Generator | None:
+    """The generator of the recipe's device stream on ``device`` (unseeded), or None where the run draws
+    everything from the stage's generator on the CPU (the default off CUDA)."""
+    on = recipe.device_stream if recipe.device_stream is not None else device.type == "cuda"
+    return torch.Generator(device=device) if on else None
+
+
+def stream_batch(images: torch.Tensor, labels: Labels | None, gen: torch.Generator, stream: torch.Generator,
+                 steps: int, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One step's x0 (B, C, H, W) in [-1, 1], labels (B,) or None, t (B,) and noise for the device stream: the
+    indices and labels from ``gen`` on the CPU, t and the noise from ``stream`` on the device. ``images`` may be
+    on the device already; nothing here waits for it."""
+    idx = torch.randint(0, len(images), (batch,), generator=gen)
+    y = to_device(labels(idx, gen), device) if labels else None
+    x0 = pixels_to_unit(to_device(images.index_select(0, to_device(idx, images.device)), device))
+    t = torch.randint(0, steps, (batch,), generator=stream, device=device)
+    noise = torch.randn(x0.shape, generator=stream, device=device)
+    return x0, y, t, noise
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; from the CPU to CUDA through pinned memory, asynchronously, so the host does not wait
+    for the device's queue to drain (a plain copy from pageable memory does)."""
+    if device.type != "cuda" or x.is_cuda:
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def read_losses(pending: list[torch.Tensor], state: RunState, world: int, lr: float) -> None:
+    """Move the device stream's ``pending`` losses (averaged over the ranks) to ``state.losses`` in one read, the
+    values a read at every step gives; the first NaN or inf among them stops the run."""
+    values = torch.stack(pending)
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    first = state.step - len(pending) + 1
+    pending.clear()
+    losses = values.tolist()
+    check_finite_losses(losses, first, lr)
+    state.losses.extend(losses)
 
 
 def _check_run(recipe: Recipe, device: torch.device, world: int) -> None:
@@ -299,8 +383,20 @@ def check_finite_loss(loss: torch.Tensor, step: int, lr: float) -> None:
     model is written), with the likely cause."""
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise UserError(f"the loss is {value} at step {step}: the learning rate (--lr {lr:g}) is likely too high, "
-                        "or the images or the starting weights are broken; nothing was written for this step")
+        raise UserError(_loss_error(value, step, lr, "nothing was written for this step"))
+
+
+def check_finite_losses(losses: list[float], first: int, lr: float) -> None:
+    """The losses of steps ``first``, ``first + 1``, ... read back together: the first NaN or inf stops the run
+    before the next checkpoint is saved (the last one stays, no model is written), naming its step."""
+    for step, value in enumerate(losses, start=first):
+        if not math.isfinite(value):
+            raise UserError(_loss_error(value, step, lr, "nothing was written after the last checkpoint"))
+
+
+def _loss_error(value: float, step: int, lr: float, written: str) -> str:
+    return (f"the loss is {value} at step {step}: the learning rate (--lr {lr:g}) is likely too high, or the "
+            f"images or the starting weights are broken; {written}")
 
 
 def cpp_compiler_found() -> bool:
