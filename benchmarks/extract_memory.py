@@ -73,7 +73,7 @@ def main() -> None:
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run([sys.executable, "-m", "ddguide.cli", "extract", str(images), "--model", str(model_path),
+        subprocess.run([sys.executable, "-m", "ddguide", "extract", str(images), "--model", str(model_path),
                         "--out", str(args.workdir / f"features{n}.safetensors"), "--blocks", *args.blocks,
                         *(["--timesteps", *args.timesteps] if args.timesteps else []), "--batch", str(args.batch), "--device", "cpu",
                         "--precision", args.precision, "--quiet"], check=True)

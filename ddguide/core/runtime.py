@@ -232,7 +232,10 @@ def store_for_autocast(module: torch.nn.Module, precision: str, device: torch.de
     if dtype is None:
         return
     for m in module.modules():
-        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
-            m.weight.data = m.weight.data.to(dtype)
-            if m.bias is not None:
-                m.bias.data = m.bias.data.to(dtype)
+        cast = isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear))
+        for param in m.parameters(recurse=False):
+            # the others get storage of their own too: weights read as views of one file buffer keep all of it
+            # alive while any of them is left on it
+            param.data = param.data.to(dtype) if cast else param.data.clone()
+        for name, buffer in m.named_buffers(recurse=False):
+            m._buffers[name] = buffer.clone()
