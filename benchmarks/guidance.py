@@ -58,6 +58,13 @@ METHODS = {
     "zero-order": {"search": "zero-order", "candidates": 2, "rounds": 1, "lam": 0.0},
     "tds-2": {"particles": 2, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
     "tds-4": {"particles": 4, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
+    "tds-8": {"particles": 8, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
+    "best-of-16": {"search": "best-of-n", "candidates": 16, "lam": 0.0},
+    "fk-16": {"particles": 16, "lam": 0.0},
+    "eq13-x0-every2": {"lam": 3.0, "guide_grad": "x0", "guide_every": 2},
+    "eq13-x0-w999-500": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 500)},  # the noisy half only
+    "eq13-x0-w999-200": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 200)},
+    "eq13-x0-w500-0": {"lam": 3.0, "guide_grad": "x0", "guide_window": (500, 0)},  # the clean half only
 }
 
 

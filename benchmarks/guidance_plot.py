@@ -35,7 +35,8 @@ def family(method: str) -> str:
 
 def points(rows: list[dict], panel: str, key: str) -> dict[str, list[tuple[float, float, float, float, str]]]:
     """Per family: (cost ratio, mean share, min share, max share, method) of each method measured on ``panel``."""
-    mine = [r for r in rows if r.get(key) == panel]
+    mine = [r for r in rows if r.get(key) == panel and r.get("head", "none") == "none"  # the plain heads
+            and not any(tag in r["method"] for tag in ("-every", "-w"))]  # schedules are one method's variants
     base = np.mean([r["seconds_per_image"] for r in mine if r["method"] == "unguided"])
     out: dict[str, list] = {}
     for method in sorted({r["method"] for r in mine}):
@@ -74,8 +75,13 @@ def main() -> None:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("share with the attribute (judge, not the head)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.subplots_adjust(bottom=0.2)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
