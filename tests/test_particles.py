@@ -227,5 +227,6 @@ def test_tds_samples_do_not_depend_on_the_batch_and_report_their_particles(tiny_
     b = run(tiny_model_path, tmp_path / "b", *common, "--batch", 3)
     assert np.array_equal(pixels(tmp_path / "a"), pixels(tmp_path / "b")) and a == b
     assert all(r["particles"] == "3" and 1 <= float(r["ess_min"]) <= 3 and r["chosen"] in "012" for r in a)
+    assert all(r["guidance"] == "tds:lambda=1.0:x0" for r in a)
     full = run(tiny_model_path, tmp_path / "full", "--smc", "tds", "--particles", 2, "--guide", head)  # ddim, eta 1
     assert len(full) == 3 and np.isfinite(pixels(tmp_path / "full")).all()

@@ -499,8 +499,9 @@ class Sampling:
         """Index columns beyond file/index/seed: class, guidance, head probabilities."""
         cfg = self.cfg
         tags = ([f"cfg:{cfg.cfg_scale or 0}"] if labels is not None else []) + (
-            [f"heads:lambda={cfg.lam}:{cfg.guide_grad}" + (":unit" if cfg.normalize_grad else "")]
-            if self.guides else [])
+            [("tds" if cfg.smc == "tds" else "heads") + f":lambda={cfg.lam}:{cfg.guide_grad}"
+             + (":unit" if cfg.normalize_grad else "")]
+            if self.guides else [])  # TDS: lambda scales its proposal's shift, eps itself is not changed
         rows: list[dict[str, Any]] = [{} for _ in indices]
         if labels is not None:
             for row, c in zip(rows, labels):
