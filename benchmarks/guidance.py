@@ -59,6 +59,8 @@ METHODS = {
     "tds-2": {"particles": 2, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
     "tds-4": {"particles": 4, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
     "tds-8": {"particles": 8, "smc": "tds", "lam": 1.0, "guide_grad": "x0"},
+    "tds-4-scale3": {"particles": 4, "smc": "tds", "lam": 1.0, "guide_grad": "x0", "potential_scale": 3.0},
+    "tds-4-lambda3": {"particles": 4, "smc": "tds", "lam": 3.0, "guide_grad": "x0"},
     "best-of-16": {"search": "best-of-n", "candidates": 16, "lam": 0.0},
     "fk-16": {"particles": 16, "lam": 0.0},
     "eq13-x0-every2": {"lam": 3.0, "guide_grad": "x0", "guide_every": 2},
