@@ -350,7 +350,9 @@ def write_model(out: str | Path, net_cfg: UNetConfig, diffusion: DiffusionConfig
     """The EMA weights as a ``model`` artifact at ``out`` (``info`` plus the steps trained) and the loss curve
     beside it; written once, by rank 0 under torchrun."""
     if is_main_process():
-        model = Model(UNetModel(net_cfg), diffusion, classes=classes, info={**info, "trained_steps": state.step})
+        with torch.device("meta"):  # only its config is written: the weights are ``ema``
+            net = UNetModel(net_cfg)
+        model = Model(net, diffusion, classes=classes, info={**info, "trained_steps": state.step})
         save_model(out, model, state_dict=ema)
         write_loss_curve(Path(out).with_suffix(".loss.png"), state.losses)
     return Path(out)
@@ -360,16 +362,15 @@ def preview_grid(path: str | Path, net_cfg: UNetConfig, diffusion: DiffusionConf
                  device: torch.device, n: int = 16, steps: int = 25) -> None:
     """``n`` samples of the EMA weights as one PNG grid (DDIM ``steps`` steps, eta 0, image k from seed k: the
     same noise at every checkpoint, so successive grids show what training changed). Drawn with generators of
-    its own, so the run's random stream is untouched."""
+    its own, and the network is built on the meta device holding the EMA tensors themselves (no random
+    initialisation: torch's global generator, which dropout draws from, is untouched too)."""
     from ddguide.core.data import to_uint8
     from ddguide.core.diffusion import sampling_timesteps
-    from ddguide.core.model import denoiser
+    from ddguide.core.model import denoiser, network_with
     from ddguide.core.samples import write_grid
     from ddguide.core.sampling import image_generators, per_image_randn, sample_ddim
 
-    model = Model(UNetModel(net_cfg), diffusion)
-    model.net.load_state_dict(ema)
-    model.to(device).eval()
+    model = Model(network_with(net_cfg, ema, "the EMA weights"), diffusion).eval()
     kept = sampling_timesteps(diffusion.steps, min(steps, diffusion.steps), "ddim")
     size, channels = net_cfg.image_size, net_cfg.in_channels
     x = per_image_randn((channels, size, size), image_generators(0, range(n)), device)
