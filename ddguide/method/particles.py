@@ -95,8 +95,22 @@ class SteeringConfig:
                                 f"({min(steps)}..{max(steps)})")
 
 
+class ParticleColumns:
+    """The index.csv columns both particle samplers report per image, from their ``cfg.particles``,
+    ``resamples`` (per image), ``ess_trace`` (one tensor of per-image ESS per evaluation) and ``chosen()``."""
+
+    def summary(self, b: int) -> dict[str, float | int]:
+        """Index columns of image b: particles, resampling count, ESS trace summary, chosen particle."""
+        trace = [float(e[b]) for e in self.ess_trace]  # type: ignore[attr-defined]
+        k = self.cfg.particles  # type: ignore[attr-defined]
+        return {"particles": k, "resampled": int(self.resamples[b]),  # type: ignore[attr-defined]
+                "ess_min": round(min(trace), 3) if trace else float(k),
+                "ess_mean": round(sum(trace) / len(trace), 3) if trace else float(k),
+                "chosen": int(self.chosen()[b])}  # type: ignore[attr-defined]
+
+
 @dataclass
-class Steering:
+class Steering(ParticleColumns):
     """Feynman-Kac steering of ``images x K`` chains, run as the sampling loop's ``after_step`` hook.
 
     ``reward(x0, indices) -> (N,)`` scores x0_hat of every chain (the chains of image k get index k)."""
@@ -169,20 +183,11 @@ class Steering:
         assert self.last_reward is not None
         return self.last_reward.argmax(dim=1)
 
-    def summary(self, b: int) -> dict[str, float | int]:
-        """Index columns of image b: particles, resampling count, ESS trace summary, chosen particle."""
-        trace = [float(e[b]) for e in self.ess_trace]
-        return {"particles": self.cfg.particles, "resampled": int(self.resamples[b]),
-                "ess_min": round(min(trace), 3) if trace else float(self.cfg.particles),
-                "ess_mean": round(sum(trace) / len(trace), 3) if trace else float(self.cfg.particles),
-                "chosen": int(self.chosen()[b])}
-
-
 TwistGradient = Callable[[torch.Tensor, torch.Tensor], tuple[Prediction, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class Twisting:
+class Twisting(ParticleColumns):
     """The twisted diffusion sampler over ``images x K`` chains: a denoiser wrapper that evaluates the twist and its
     gradient at each x_t, and a transition wrapper that weighs, resamples and proposes.
 
@@ -253,14 +258,6 @@ class Twisting:
         """Per image, the particle kept: drawn from the final weights (a sample of the twisted target)."""
         assert self._chosen is not None
         return self._chosen
-
-    def summary(self, b: int) -> dict[str, float | int]:
-        """Index columns of image b: particles, resampling count, ESS trace summary, chosen particle."""
-        trace = [float(e[b]) for e in self.ess_trace]
-        return {"particles": self.cfg.particles, "resampled": int(self.resamples[b]),
-                "ess_min": round(min(trace), 3), "ess_mean": round(sum(trace) / len(trace), 3),
-                "chosen": int(self.chosen()[b])}
-
 
 @dataclass
 class _Twisted:
