@@ -127,6 +127,51 @@ def test_zero_order_search_is_deterministic_per_image(tiny_model_path, head, tmp
     assert [r["candidates"] for r in a] == ["6"] * 3 and all(r["chosen"][0] in "012" for r in a)
 
 
+def test_prune_search_keeps_the_best_early_candidate_and_finishes_it(tiny_model_path, head, tmp_path, monkeypatch):
+    """--search prune: N candidates run to the pruning step; the verifier's best one on x0_hat there is finished
+    exactly as best-of-n would have finished that candidate (DDIM is deterministic given the noise)."""
+    from ddguide.stages.sample import Sampling
+
+    calls: list[int] = []
+
+    def brightness(self, x0, idx):  # the brightest x0_hat wins, and we see how many chains each score saw
+        calls.append(len(x0))
+        return x0.flatten(1).mean(1)
+
+    monkeypatch.setattr(Sampling, "reward", brightness)
+    rows = run(tiny_model_path, tmp_path / "pruned", "--verifier", head, "--search", "prune", "--candidates", 4,
+               "--prune-at", "600:2", "--sampler", "ddim", "--batch", 3)
+    assert calls == [12, 6]  # 3 images x 4 candidates scored at the pruning step, then 3 x 2 final images
+    calls.clear()
+    rows_default = run(tiny_model_path, tmp_path / "default", "--verifier", head, "--search", "prune",
+                       "--candidates", 4, "--sampler", "ddim", "--batch", 3)
+    assert calls == [12, 3]  # by default the best one goes on
+    assert [r["candidates"] for r in rows] == ["4"] * 3 and all(r["chosen"] in "0123" for r in rows)
+    # the kept image is the chosen candidate's own trajectory: best-of-n made to keep that candidate gives it
+    chosen = torch.tensor([int(r["chosen"]) for r in rows_default])
+
+    def that_candidate(self, x0, idx):
+        position = torch.arange(len(x0))
+        return (position % 4 == chosen.repeat_interleave(4)).double()
+
+    monkeypatch.setattr(Sampling, "reward", that_candidate)
+    run(tiny_model_path, tmp_path / "same", "--verifier", head, "--search", "best-of-n", "--candidates", 4,
+        "--sampler", "ddim", "--batch", 3)
+    assert np.abs(pixels(tmp_path / "same").astype(int) - pixels(tmp_path / "default").astype(int)).max() <= 1
+
+
+def test_prune_search_is_deterministic_per_image_and_one_candidate_is_the_plain_sampler(tiny_model_path, head,
+                                                                                        tmp_path):
+    common = ("--verifier", head, "--search", "prune", "--candidates", 3, "--prune-at", "800:2", "--prune-at", "400:1")
+    a = run(tiny_model_path, tmp_path / "a", *common, "--batch", 1)
+    b = run(tiny_model_path, tmp_path / "b", *common, "--batch", 3)
+    assert np.array_equal(pixels(tmp_path / "a"), pixels(tmp_path / "b")) and a == b
+    run(tiny_model_path, tmp_path / "plain", "--sampler", "ddim")
+    one = run(tiny_model_path, tmp_path / "one", "--verifier", head, "--search", "prune", "--candidates", 1,
+              "--sampler", "ddim")
+    assert np.array_equal(pixels(tmp_path / "one"), pixels(tmp_path / "plain")) and one[0]["chosen"] == "0"
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -141,6 +186,12 @@ def test_zero_order_search_is_deterministic_per_image(tiny_model_path, head, tmp
     (("--search", "beam", "--guide", "{head}"), "--search"),
     (("--search", "best-of-n", "--candidates", 0, "--guide", "{head}"), "--candidates"),
     (("--search", "best-of-n", "--particles", 2, "--guide", "{head}"), "choose one"),
+    (("--search", "prune", "--prune-at", "700:0", "--guide", "{head}"), "--prune-at"),
+    (("--search", "prune", "--prune-at", "seven", "--guide", "{head}"), "T:K"),
+    (("--search", "prune", "--candidates", 4, "--prune-at", "700:4", "--guide", "{head}"), "fewer"),
+    (("--search", "prune", "--candidates", 4, "--prune-at", "0:1", "--guide", "{head}"), "no step left"),
+    (("--search", "prune", "--candidates", 4, "--prune-at", "500:2", "700:1", "--guide", "{head}"), "high t"),
+    (("--search", "best-of-n", "--prune-at", "700:1", "--guide", "{head}"), "--search prune"),
     (("--verifier", "{head}"), "--verifier scores"),
     (("--particles", 2, "--guide", "{head}", "--resample-window", 5, 2), "--resample-window"),
     (("--guide", "{head}", "--guide-every", 0), "--guide-every"),

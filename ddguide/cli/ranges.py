@@ -59,7 +59,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "guide_grad": ("full", "x0"),
     "smc": ("fk", "tds"),
     "potential": ("max", "diff", "sum"),
-    "search": ("best-of-n", "zero-order"),
+    "search": ("best-of-n", "zero-order", "prune"),
     "noise": ("none", "fixed"),
     "storage": ("fp32", "fp16"),
     "augment": ("none", "x0"),

@@ -152,6 +152,18 @@ def _draw_kernel(chain: Chain, mean: torch.Tensor, std: torch.Tensor | None) -> 
 Transition = Any  # DDIM, DDPM, or a wrapper with their step(chain, t, t_prev, eps, x0, var) -> x_{t_prev}
 
 
+class Segment:
+    """Steps ``start`` to ``stop - 1`` of a transition's schedule: a loop run on a segment continues chains that
+    an earlier segment left at its last x_t (a search that drops candidates between segments)."""
+
+    def __init__(self, transition: Transition, start: int, stop: int):
+        self.transition, self.steps = transition, transition.steps[start:stop]
+
+    def step(self, chain: Chain, t: int, t_prev: int, eps: torch.Tensor, x0: torch.Tensor,
+             var: torch.Tensor | None) -> torch.Tensor:
+        return self.transition.step(chain, t, t_prev, eps, x0, var)
+
+
 @torch.no_grad()
 def run_chain(denoiser: Denoiser, x: torch.Tensor, transition: Transition, abar: torch.Tensor, *,
               generators: Sequence[torch.Generator] | None = None, clip: bool = True,

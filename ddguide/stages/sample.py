@@ -38,7 +38,9 @@ from ddguide.core.samples import (
 from ddguide.core.sampling import (
     DDIM,
     DDPM,
+    Chain,
     Denoiser,
+    Segment,
     StepHook,
     Transition,
     image_generators,
@@ -63,6 +65,7 @@ from ddguide.method.particles import (
     Twisting,
     particle_generators,
     particle_seed,
+    prune_schedule,
     sphere_neighbours,
 )
 from ddguide.method.plugins import PluginGuide, as_plugin, guide_weight, is_plugin_spec, load_plugin
@@ -118,10 +121,11 @@ class SampleConfig:
     resample_every: int = 5
     resample_window: tuple[int, int] | None = None
     adaptive: bool = True
-    search: str | None = None  # "best-of-n" or "zero-order"
+    search: str | None = None  # "best-of-n", "zero-order" or "prune"
     candidates: int = 4  # N
     rounds: int = 2  # zero-order rounds after the first N candidates
     search_step: float = 0.5
+    prune_at: list[tuple[int, int]] = field(default_factory=list)  # (T, K): --search prune keeps K after timestep T
     verifier: list[Any] = field(default_factory=list)  # like guides (default: the guides)
     normalize_grad: bool = False  # rescale each image's guidance gradient to unit RMS before lambda
     shard: str | None = None  # "i/n": this process draws the i-th of n consecutive slices of the images
@@ -172,6 +176,10 @@ class SampleConfig:
             raise UserError("--search and --particles/--smc are two ways to select samples: choose one")
         if self.search and (self.candidates < 1 or self.rounds < 0 or not 0 < self.search_step <= 10):
             raise UserError("--candidates must be >= 1, --rounds >= 0 and --search-step in (0, 10]")
+        if self.prune_at and self.search != "prune":
+            raise UserError("--prune-at is the schedule of --search prune: give --search prune")
+        if any(k < 1 or t < 0 for t, k in self.prune_at):
+            raise UserError("--prune-at takes T:K pairs with a timestep T >= 0 and K >= 1 candidates kept")
         if (self.search or self.selecting) and not (self.verifier or self.guides):
             raise UserError("--search and --particles need a head to score with: --guide HEAD or --verifier HEAD")
         if self.verifier and not (self.search or self.selecting):
@@ -377,6 +385,7 @@ class Sampling:
     targets: dict[int, int] = field(default_factory=dict)  # class id -> rejection head's class index
     verifiers: list[Guide | PluginGuide] = field(default_factory=list)  # scores particles, candidates (default: guides)
     steps: list[int] = field(default_factory=list)  # the sampler's kept timesteps
+    prune: list[tuple[int, int]] = field(default_factory=list)  # --search prune: (step number, candidates kept)
 
     def denoiser_for(self, labels: torch.Tensor | None, indices: Sequence[int]) -> Denoiser:
         """The base denoiser, then CFG (when classes are sampled), then head guidance (when heads guide)."""
@@ -463,6 +472,8 @@ class Sampling:
     def _search(self, indices: list[int], labels: list[int] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """Best of N candidates per image, then (zero-order) rounds of N neighbours of the best starting noise."""
         cfg, n, b = self.cfg, self.cfg.candidates, len(indices)
+        if cfg.search == "prune":
+            return self._pruned(indices, labels)
         chains, den = self._chains(indices, labels, n)
         gens = particle_generators(cfg.seed, indices, n)
         size = self.model.image_size
@@ -494,6 +505,39 @@ class Sampling:
         extra = [{"candidates": n * (rounds + 1), "chosen": chosen[j], "verifier_logp": round(float(best_score[j]), 4)}
                  for j in range(b)]
         return best_x, extra  # type: ignore[return-value]
+
+    def _pruned(self, indices: list[int], labels: list[int] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """N candidates per image (those of best-of-n); after each pruning step the verifier scores the live
+        candidates' x0_hat and each image's best K go on; the best final image is kept."""
+        cfg, n, b = self.cfg, self.cfg.candidates, len(indices)
+        gens = particle_generators(cfg.seed, indices, n)
+        size = self.model.image_size
+        x = per_image_randn((self.model.net.cfg.in_channels, size, size), gens, self.model.device)
+        alive = torch.arange(n).repeat(b, 1)  # (images, live candidates): candidate numbers
+        start = 0
+        for stop, keep in [(step + 1, k) for step, k in self.prune] + [(len(self.steps), 0)]:
+            m = alive.shape[1]
+            chains, den = self._chains(indices, labels, m)
+            live = [gens[j * n + int(c)] for j in range(b) for c in alive[j]]
+            seen: dict[str, torch.Tensor] = {}
+
+            def keep_x0(i: int, t: int, t_prev: int, chain: Chain, last: int = stop - start - 1) -> None:
+                if i == last:
+                    seen["x0"] = chain.x0  # type: ignore[assignment]
+
+            x = self._draw(den, chains, live, x=x, after_step=keep_x0,
+                           wrap=lambda transition, a=start, z=stop: Segment(transition, a, z))
+            scored = x.clamp(-1, 1) if not keep else seen["x0"].clamp(-1, 1)
+            score = torch.nan_to_num(self.reward(scored, chains).view(b, m).double().cpu(), nan=-math.inf)
+            if not bool(torch.isfinite(score).any(dim=1).all()):
+                raise UserError("the verifier gave no candidate a finite score (NaN or -inf log-probabilities)")
+            best = score.argsort(dim=1, descending=True, stable=True)[:, :max(keep, 1)]
+            rows = (torch.arange(b).unsqueeze(1) * m + best).flatten()
+            x, alive, start = x[rows.to(x.device)], alive.gather(1, best), stop
+        top = score.gather(1, best)[:, 0]
+        extra = [{"candidates": n, "chosen": int(alive[j, 0]), "verifier_logp": round(float(top[j]), 4)}
+                 for j in range(b)]
+        return x, extra
 
     def rows(self, x: torch.Tensor, labels: list[int] | None, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Index columns beyond file/index/seed: class, guidance, head probabilities."""
@@ -548,6 +592,8 @@ def prepare(cfg: SampleConfig, model: Model | None = None) -> Sampling:
         check_guides(sampling.verifiers, features, model)
     else:
         sampling.verifiers = guides
+    if cfg.search == "prune" and cfg.candidates > 1:
+        sampling.prune = prune_schedule(cfg.prune_at, sampling.steps, cfg.candidates)
     if cfg.selecting:
         SteeringConfig(cfg.particles, cfg.potential, cfg.potential_scale, cfg.resample_every, cfg.resample_window,
                        cfg.adaptive).validate(sampling.steps)
