@@ -9,8 +9,8 @@ per seed and method, all through `ddguide.stages.sample.sample` (what `ddguide s
     fk-K            Feynman-Kac steering with K particles, potentials from the head (--particles K)
     fk-K+eq13       FK whose proposal is the Eq. 13 step (--particles K --lambda 1 --guide-grad x0)
     zero-order      --search zero-order --candidates 2 --rounds 1
-    prune-N         N candidates for the first quarter of the steps, then the verifier's best one goes on
-                    (--search prune --candidates N)
+    prune-N         N candidates; the verifier's best 3/8 go on after 7 of 25 steps, its best one after 16
+                    (--search prune --candidates N, the default schedule)
     tds-K           the twisted diffusion sampler with K particles (--smc tds --particles K --lambda 1
                     --guide-grad x0; DDIM eta 1)
 
@@ -64,10 +64,10 @@ METHODS = {
     "tds-4-scale3": {"particles": 4, "smc": "tds", "lam": 1.0, "guide_grad": "x0", "potential_scale": 3.0},
     "tds-4-lambda3": {"particles": 4, "smc": "tds", "lam": 3.0, "guide_grad": "x0"},
     "best-of-16": {"search": "best-of-n", "candidates": 16, "lam": 0.0},
-    "prune-5": {"search": "prune", "candidates": 5, "lam": 0.0},  # ~2x: 5 candidates for 6 of 25 steps, then 1
-    "prune-12": {"search": "prune", "candidates": 12, "lam": 0.0},  # ~4x
-    "prune-28": {"search": "prune", "candidates": 28, "lam": 0.0},  # ~8x
-    "prune-56": {"search": "prune", "candidates": 56, "lam": 0.0},  # ~16x
+    "prune-4": {"search": "prune", "candidates": 4, "lam": 0.0},  # ~2x an unguided sample (default schedule)
+    "prune-8": {"search": "prune", "candidates": 8, "lam": 0.0},  # ~4x
+    "prune-16": {"search": "prune", "candidates": 16, "lam": 0.0},  # ~8x
+    "prune-32": {"search": "prune", "candidates": 32, "lam": 0.0},  # ~15x
     "fk-16": {"particles": 16, "lam": 0.0},
     "eq13-x0-every2": {"lam": 3.0, "guide_grad": "x0", "guide_every": 2},
     "eq13-x0-w999-500": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 500)},  # the noisy half only

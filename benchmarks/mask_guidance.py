@@ -43,8 +43,9 @@ METHODS = {
     "best-of-4": {"search": "best-of-n", "candidates": 4, "lam": 0.0},
     "fk-4": {"particles": 4, "lam": 0.0},
     "fk-4+eq13": {"particles": 4, "lam": 0.5, "guide_grad": "x0"},
-    "prune-12": {"search": "prune", "candidates": 12, "lam": 0.0},
-    "prune-12+eq13": {"search": "prune", "candidates": 12, "lam": 0.5, "guide_grad": "x0"},
+    "prune-8": {"search": "prune", "candidates": 8, "lam": 0.0},
+    "prune-8+eq13": {"search": "prune", "candidates": 8, "lam": 0.5, "guide_grad": "x0"},
+    "eq13-full-w999-200": {"lam": 0.5, "guide_grad": "full", "guide_window": (999, 200)},
 }
 
 

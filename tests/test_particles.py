@@ -145,7 +145,7 @@ def test_prune_search_keeps_the_best_early_candidate_and_finishes_it(tiny_model_
     calls.clear()
     rows_default = run(tiny_model_path, tmp_path / "default", "--verifier", head, "--search", "prune",
                        "--candidates", 4, "--sampler", "ddim", "--batch", 3)
-    assert calls == [12, 3]  # by default the best one goes on
+    assert calls == [12, 6, 3]  # by default 3/8 go on (2 of 4) after 28 % of the 6 steps, one after 64 %
     assert [r["candidates"] for r in rows] == ["4"] * 3 and all(r["chosen"] in "0123" for r in rows)
     # the kept image is the chosen candidate's own trajectory: best-of-n made to keep that candidate gives it
     chosen = torch.tensor([int(r["chosen"]) for r in rows_default])
