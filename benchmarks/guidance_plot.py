@@ -24,12 +24,13 @@ FAMILIES = {  # method name prefix -> (label, marker, colour)
     "zero-order": ("zero-order search", "v", "tab:pink"),
     "fk": ("FK steering", "D", "tab:green"),
     "tds": ("TDS", "*", "tab:purple"),
+    "prune": ("prune search", "X", "tab:brown"),
 }
 
 
 def family(method: str) -> str:
-    if method.startswith("fk") and "+eq13" in method:
-        return "fk+eq13"
+    if "+eq13" in method:
+        return method.split("-")[0] + "+eq13"  # fk+eq13, prune+eq13
     return next(f for f in FAMILIES if method.startswith(f))
 
 
@@ -63,7 +64,8 @@ def main() -> None:
     if args.digits.exists():
         panels.append(("sklearn-digits", "dataset", json.loads(args.digits.read_text())))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    labels = {**FAMILIES, "fk+eq13": ("FK + Eq. 13 proposal", "P", "tab:red")}
+    labels = {**FAMILIES, "fk+eq13": ("FK + Eq. 13 proposal", "P", "tab:red"),
+              "prune+eq13": ("prune search + Eq. 13", "p", "tab:olive")}
     for ax, (panel, key, data) in zip(axes[0], panels):
         for fam, pts in points(data, panel, key).items():
             x, y, lo, hi = (np.array([p[i] for p in pts]) for i in range(4))

@@ -46,6 +46,8 @@ METHODS = {
     "prune-8": {"search": "prune", "candidates": 8, "lam": 0.0},
     "prune-8+eq13": {"search": "prune", "candidates": 8, "lam": 0.5, "guide_grad": "x0"},
     "eq13-full-w999-200": {"lam": 0.5, "guide_grad": "full", "guide_window": (999, 200)},
+    "prune-32": {"search": "prune", "candidates": 32, "lam": 0.0},  # ~15x
+    "fk-16": {"particles": 16, "lam": 0.0},  # 16x
 }
 
 

@@ -76,7 +76,15 @@ def write_folder(folder: Path, images: np.ndarray) -> None:
             Image.fromarray(im, "L").save(path)
 
 
-def prepare(work: Path, steps: int, augment: str = "none") -> tuple[Path, Path, object, np.ndarray]:
+def head_name(augment: str, fraction: float = 0.5, head_seed: int = 0) -> str:
+    """The rows' "head" key: ``none`` / ``x0`` for the first heads measured (seed 0, fraction 0.5), else with both."""
+    if head_seed == 0 and (augment == "none" or fraction == 0.5):
+        return augment
+    return f"{augment}-f{fraction}-s{head_seed}" if augment != "none" else f"none-s{head_seed}"
+
+
+def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5,
+            head_seed: int = 0) -> tuple[Path, Path, object, np.ndarray]:
     """The model, the head, the judge and the real 3s' features' source images."""
     images, labels = digits()
     write_folder(work / "train", images[:TRAIN])
@@ -98,7 +106,8 @@ def prepare(work: Path, steps: int, augment: str = "none") -> tuple[Path, Path, 
     accuracy = float((judge.predict(pooled(images[TRAIN:])) == labels[TRAIN:]).mean())
     print(f"judge (RBF SVM on {TRAIN} real digits): {accuracy:.3f} on {len(labels) - TRAIN} held-out real digits")
 
-    head = work / ("is3.head.safetensors" if augment == "none" else f"is3-{augment}.head.safetensors")
+    name = head_name(augment, fraction, head_seed)
+    head = work / ("is3.head.safetensors" if name == "none" else f"is3-{name}.head.safetensors")
     if not head.exists():
         pos = [i for i in range(TRAIN) if labels[i] == TARGET][:50]
         neg = [i for i in range(TRAIN) if labels[i] != TARGET][:50]
@@ -107,12 +116,12 @@ def prepare(work: Path, steps: int, augment: str = "none") -> tuple[Path, Path, 
             w = csv.writer(f)
             w.writerow(["file", "is_3"])
             w.writerows([[f"{i:05d}.png", 1] for i in pos] + [[f"{i:05d}.png", 0] for i in neg])
-        feats = work / "is3.features.safetensors"
-        extract(ExtractConfig(data=str(work / "train"), out=str(feats), model=str(model), labels=str(table),
-                              label="is_3", device="cpu"))
-        train_head(TrainHeadConfig(features=str(feats), out=str(head), seed=0, augment=augment,
-                                   model=str(model) if augment != "none" else None))
-        feats.unlink()
+        feats = work / "is3.features.safetensors"  # kept for the next head
+        if not feats.exists():
+            extract(ExtractConfig(data=str(work / "train"), out=str(feats), model=str(model), labels=str(table),
+                                  label="is_3", device="cpu"))
+        train_head(TrainHeadConfig(features=str(feats), out=str(head), seed=head_seed, augment=augment,
+                                   augment_fraction=fraction, model=str(model) if augment != "none" else None))
     return model, head, judge, images[:TRAIN][labels[:TRAIN] == TARGET]
 
 
@@ -160,27 +169,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--augment", default="none", choices=("none", "x0"),
                     help="the head's train-head --augment (x0: trained also on x0_hat of the labelled digits)")
+    ap.add_argument("--augment-fraction", type=float, default=0.5, help="the head's train-head --augment-fraction")
+    ap.add_argument("--head-seed", type=int, default=0, help="the head's train-head --seed")
     ap.add_argument("--work", type=Path, default=Path("runs/digits"))
     ap.add_argument("--out", type=Path, default=Path("runs/digits.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    model, head, judge, real = prepare(args.work, args.train_steps, args.augment)
+    model, head, judge, real = prepare(args.work, args.train_steps, args.augment, args.augment_fraction,
+                                       args.head_seed)
+    name = head_name(args.augment, args.augment_fraction, args.head_seed)
     extractor = DenoiserFeatures(load_model(str(model)), "cpu")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for seed in args.seeds:
         for method in args.methods:
-            key = {"method": method, "seed": seed, "n": args.n, "steps": args.steps, "head": args.augment}
+            key = {"method": method, "seed": seed, "n": args.n, "steps": args.steps, "head": name}
             if any(all(r.get(k, "none") == v for k, v in key.items()) for r in rows):
                 continue
             row = {**measure(model, head, judge, method, seed, args.n, args.steps, args.batch, real, extractor),
-                   "head": args.augment}
+                   "head": name}
             rows.append(row)
             args.out.write_text(json.dumps(rows, indent=1))
             print(json.dumps(row), flush=True)
     print(f"\n{'method':11s} {'share of 3s':>15s} {'FD':>7s} {'fooled':>7s} {'fwd':>5s} {'bwd':>5s} {'s/img':>6s}")
     for method in args.methods:
-        rs = [r for r in rows if r["method"] == method and r["n"] == args.n and r.get("head", "none") == args.augment]
+        rs = [r for r in rows if r["method"] == method and r["n"] == args.n and r.get("head", "none") == name]
         if not rs:
             continue
         share = np.array([r["share"] for r in rs])

@@ -19,7 +19,8 @@ BASH = shutil.which("bash") or "/bin/bash"
 
 # what each example must leave in $WORK
 OUTPUTS = {
-    "attributes.sh": ["feats.safetensors", "heads/has_circle.safetensors", "guided/index.csv", "guided/grid.png"],
+    "attributes.sh": ["feats.safetensors", "heads/has_circle.safetensors", "guided/index.csv", "guided/grid.png",
+                       "pruned/index.csv"],
     "masks.sh": ["seg.safetensors", "seg-head.safetensors", "masked/index.csv", "masked/grid.png"],
     "synthetic-data.sh": ["cond.safetensors", "heads/rejection.safetensors", "synth/index.csv", "cas.safetensors"],
     "published-checkpoint.sh": ["checkpoint.pt", "converted.safetensors", "heads/has_circle.safetensors",
