@@ -80,6 +80,29 @@ def test_a_step_hook_can_move_chains_with_their_generators():
     assert torch.allclose(swapped, plain.flip(0), atol=1e-6) and not torch.allclose(plain[0], plain[1])
 
 
+def test_segments_of_a_schedule_continue_one_chain():
+    """--search prune runs a schedule in segments and drops chains between them: steps 0..6 then 7..19 of DDPM
+    equal the 20 steps run at once, and a chain dropped after the first segment leaves the others unchanged."""
+    from ddguide.core.sampling import DDPM, Segment, run_chain
+
+    abar = alphas_cumprod(DiffusionConfig(schedule="cosine"))
+    kept = space_timesteps(1000, "20")
+    den = gaussian_denoiser(abar)
+
+    def start(indices):
+        gens = image_generators(0, indices)
+        return per_image_randn(SHAPE, gens, "cpu"), gens
+
+    x, gens = start([0, 1, 2])
+    whole = run_chain(den, x, DDPM(abar, kept), abar, generators=gens, clip=False)
+    x, gens = start([0, 1, 2])
+    half = run_chain(den, x, Segment(DDPM(abar, kept), 0, 7), abar, generators=gens, clip=False)
+    rest = run_chain(den, half[[0, 2]], Segment(DDPM(abar, kept), 7, 20), abar, generators=[gens[0], gens[2]],
+                     clip=False)
+    assert len(Segment(DDPM(abar, kept), 7, 20).steps) == 13
+    assert torch.allclose(rest, whole[[0, 2]], atol=1e-6)
+
+
 def test_a_denoiser_may_return_a_prediction_or_the_raw_output():
     from ddguide.core.sampling import Prediction
 
