@@ -3,7 +3,8 @@
 Per attribute and seed, end to end through the command line: `ddguide data shapes` (a val-split pool, 50 images
 with and 50 without the attribute are the labelled set), `ddguide extract` with the default taps, one head per
 augmentation (`train-head --augment none`, `--augment x0 --augment-fraction F` for each F), then
-`ddguide sample --guide HEAD --lambda 3 --guide-grad x0 -n 64 --steps 25` with the same sample seeds for every
+`ddguide sample --guide HEAD --lambda 3 --guide-grad x0 --guide-window 999 0 -n 64 --steps 25` (every step, as
+measured before sample's default window) with the same sample seeds for every
 head, and one unguided run. The shapes oracle (ddguide.shapes.oracles.predict_attributes) judges every sample,
 never the head. Per head:
 
@@ -148,7 +149,7 @@ def main() -> None:
                 out = args.work / f"guided-{attribute}-s{seed}-{augment.replace(':', '-')}"
                 shutil.rmtree(out, ignore_errors=True)
                 ddguide("sample", *sample_args, "--seed", 1000 * seed, "--guide", head, "--lambda", args.lam,
-                        "--guide-grad", "x0", "--out", out, threads=args.threads)
+                        "--guide-grad", "x0", "--guide-window", 999, 0, "--out", out, threads=args.threads)
                 from ddguide.method.heads import load_head
 
                 metrics = load_head(head).cfg.metrics

@@ -39,12 +39,12 @@ from ddguide.stages.train_head import TrainHeadConfig, train_head  # noqa: E402
 
 METHODS = {
     "unguided": None,
-    "eq13-full": {"lam": 0.5, "guide_grad": "full"},  # README's mask pipeline
+    "eq13-full": {"lam": 0.5, "guide_grad": "full", "guide_window": (999, 0)},  # README's mask pipeline
     "best-of-4": {"search": "best-of-n", "candidates": 4, "lam": 0.0},
     "fk-4": {"particles": 4, "lam": 0.0},
-    "fk-4+eq13": {"particles": 4, "lam": 0.5, "guide_grad": "x0"},
+    "fk-4+eq13": {"particles": 4, "lam": 0.5, "guide_grad": "x0", "guide_window": (999, 0)},
     "prune-8": {"search": "prune", "candidates": 8, "lam": 0.0},
-    "prune-8+eq13": {"search": "prune", "candidates": 8, "lam": 0.5, "guide_grad": "x0"},
+    "prune-8+eq13": {"search": "prune", "candidates": 8, "lam": 0.5, "guide_grad": "x0", "guide_window": (999, 0)},
     "eq13-full-w999-200": {"lam": 0.5, "guide_grad": "full", "guide_window": (999, 200)},
     "prune-32": {"search": "prune", "candidates": 32, "lam": 0.0},  # ~15x
     "fk-16": {"particles": 16, "lam": 0.0},  # 16x

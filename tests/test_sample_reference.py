@@ -16,16 +16,17 @@ from PIL import Image
 
 from conftest import build_tiny, cli, expect_ok
 
-# mode -> sample options (beyond --model, -n, --steps, --device cpu, --out)
+# mode -> sample options (beyond --model, -n, --steps, --device cpu, --out); the guided modes were recorded
+# guiding at every step, before sample's default window (t >= 0.2 T), so they name --guide-window 999 0
 MODES = {
     "ddim": ("--batch", 3),
     "ddpm": ("--sampler", "ddpm", "--batch", 2),
     "ddim-eta": ("--eta", 0.5, "--seed", 7),
-    "guided-full": ("--guide", "{cls}", "--lambda", 1.0, "--batch", 3),
+    "guided-full": ("--guide", "{cls}", "--lambda", 1.0, "--batch", 3, "--guide-window", 999, 0),
     "guided-x0-window": ("--guide", "{cls}", "--lambda", 3.0, "--guide-grad", "x0", "--guide-window", 900, 200),
-    "guided-product": ("--guide", "{cls}:0.5:0", "--guide", "{cls}:1.5", "--lambda", 2.0),
-    "guided-mask": ("--guide", "{seg}", "--mask", "{mask}", "--lambda", 0.01, "--guide-grad", "x0"),
-    "guided-bf16": ("--guide", "{cls}", "--lambda", 1.0, "--precision", "bf16"),
+    "guided-product": ("--guide", "{cls}:0.5:0", "--guide", "{cls}:1.5", "--lambda", 2.0, "--guide-window", 999, 0),
+    "guided-mask": ("--guide", "{seg}", "--mask", "{mask}", "--lambda", 0.01, "--guide-grad", "x0", "--guide-window", 999, 0),
+    "guided-bf16": ("--guide", "{cls}", "--lambda", 1.0, "--precision", "bf16", "--guide-window", 999, 0),
     "class": ("--model", "{cond}", "--class", "all", "--batch", 3),
     "cfg": ("--model", "{cond}", "--class", "blue_diamond", "--cfg", 2.0),
     "reject": ("--model", "{cond}", "--reject", "{rej}", "--reject-model", "{tiny}", "--threshold", 0.0795,
@@ -96,3 +97,13 @@ def test_sample_outputs_are_the_recorded_ones(mode, files, tmp_path):
         options += ["--sampler", "ddim"]
     expect_ok(cli("sample", *options, "-n", 4, "--steps", 4, "--device", "cpu", "--out", tmp_path / "s"))
     assert digest(tmp_path / "s") == DIGESTS[mode], mode
+
+
+def test_guidance_defaults_to_the_measured_window(files, tmp_path):
+    """Without --guide-window, `sample` guides while t >= 0.2 T (core.defaults.GUIDE_FLOOR): the same images as
+    --guide-window 999 200, and not those of guiding at every step (DDIM 8 has steps below t = 200)."""
+    common = ["--model", str(files["tiny"]), "--guide", str(files["cls"]), "--lambda", 3.0, "--sampler", "ddim",
+              "-n", 2, "--steps", 8, "--device", "cpu", "--precision", "fp32"]
+    for name, extra in (("default", []), ("window", ["--guide-window", 999, 200]), ("every", ["--guide-window", 999, 0])):
+        expect_ok(cli("sample", *common, *extra, "--out", tmp_path / name))
+    assert digest(tmp_path / "default") == digest(tmp_path / "window") != digest(tmp_path / "every")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ddguide.core.data import read_mask, to_uint8
+from ddguide.core.defaults import GUIDE_FLOOR
 from ddguide.core.diffusion import sampling_timesteps
 from ddguide.core.errors import UserError
 from ddguide.core.model import Model, denoiser, load_model
@@ -332,6 +333,13 @@ def class_name(model: Model, c: int) -> str | int:
     return model.classes[c] if model.classes else c
 
 
+def default_guide_window(model: Model) -> tuple[int, int]:
+    """Where `sample` guides without --guide-window: (T - 1, GUIDE_FLOOR * T), i.e. t >= 200 of 1000 steps
+    (:data:`ddguide.core.defaults.GUIDE_FLOOR`)."""
+    steps = model.diffusion.steps
+    return steps - 1, int(round(GUIDE_FLOOR * steps))
+
+
 def timesteps_for(model: Model, steps: int, sampler: str) -> list[int]:
     """Kept timesteps: DDIM uses guided-diffusion's integer stride when it fits, else the fractional spacing."""
     return sampling_timesteps(model.diffusion.steps, steps, sampler)
@@ -402,7 +410,8 @@ class Sampling:
         if self.guides and cfg.smc != "tds":  # TDS shifts the kernel's mean itself (method.particles.Twisting)
             guided = set(sorted(self.steps, reverse=True)[::cfg.guide_every]) if cfg.guide_every > 1 else None
             den = head_guidance(den, self.features, self.guides, cfg.lam, indices, grad=cfg.guide_grad,
-                                window=cfg.guide_window, precision=cfg.precision, only=guided,
+                                window=cfg.guide_window or default_guide_window(model), precision=cfg.precision,
+                                only=guided,
                                 normalize=cfg.normalize_grad)
         return den
 
