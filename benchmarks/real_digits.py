@@ -160,7 +160,8 @@ def extractor_features(images: np.ndarray, extractor: DenoiserFeatures) -> np.nd
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["unguided", "eq13-x0", "best-of-4", "fk-4", "best-of-8",
-                                                     "fk-8", "tds-4"], choices=list(METHODS))
+                                                     "fk-8", "tds-4", "prune-8", "prune-8+eq13"],
+                    choices=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
