@@ -1,8 +1,9 @@
 """The share-vs-compute plot of README "Selecting instead of pushing": what `benchmarks/guidance.py` measured
 (and `benchmarks/real_digits.py`, when its rows exist), one panel per attribute.
 
-x: the cost per image relative to unguided sampling, from the wall time measured in the same run (seconds per
-image / unguided seconds per image; log2 axis); y: the judge's share of images with the attribute (the shapes
+x: the cost per image relative to unguided sampling in U-Net passes (full forwards + the heads' truncated
+feature passes + backward passes, each counted once, over unguided's forwards; log2 axis): counted by hooks, so
+exact, where the rows' wall times were measured in different runs beside other jobs; y: the judge's share of images with the attribute (the shapes
 oracle, or for the digits the SVM trained on real digits), mean over seeds with the spread (min to max) as error
 bars. Needs matplotlib (not a dependency of ddguide).
 
@@ -38,12 +39,13 @@ def points(rows: list[dict], panel: str, key: str) -> dict[str, list[tuple[float
     """Per family: (cost ratio, mean share, min share, max share, method) of each method measured on ``panel``."""
     mine = [r for r in rows if r.get(key) == panel and r.get("head", "none") == "none"  # the plain heads
             and not any(tag in r["method"] for tag in ("-every", "-w"))]  # schedules are one method's variants
-    base = np.mean([r["seconds_per_image"] for r in mine if r["method"] == "unguided"])
+    passes = lambda r: r["forward_per_image"] + r["feature_passes_per_image"] + r["backward_per_image"]  # noqa: E731
+    base = np.mean([passes(r) for r in mine if r["method"] == "unguided"])
     out: dict[str, list] = {}
     for method in sorted({r["method"] for r in mine}):
         rs = [r for r in mine if r["method"] == method]
         share = np.array([r["share"] for r in rs])
-        cost = float(np.mean([r["seconds_per_image"] for r in rs]) / base)
+        cost = float(np.mean([passes(r) for r in rs]) / base)
         out.setdefault(family(method), []).append((cost, share.mean(), share.min(), share.max(), method))
     return {f: sorted(v) for f, v in out.items()}
 
@@ -72,7 +74,7 @@ def main() -> None:
             ax.errorbar(x, y, yerr=[y - lo, hi - y], marker=labels[fam][1], color=labels[fam][2], capsize=3,
                         label=labels[fam][0], linestyle="-" if len(pts) > 1 else "none")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("time per image / unguided")
+        ax.set_xlabel("U-Net passes per image / unguided")
         ax.set_title(panel if key == "attribute" else "digits: share of 3s (real-data judge)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
