@@ -172,6 +172,18 @@ def test_prune_search_is_deterministic_per_image_and_one_candidate_is_the_plain_
     assert np.array_equal(pixels(tmp_path / "one"), pixels(tmp_path / "plain")) and one[0]["chosen"] == "0"
 
 
+def test_prune_search_with_the_eq13_step_is_guided_and_deterministic_per_image(tiny_model_path, head, tmp_path):
+    """--search prune --lambda > 0: the candidates follow Eq. 13 (the images differ from the unguided search's),
+    and image k is the same whatever the batch."""
+    common = ("--guide", head, "--search", "prune", "--candidates", 3, "--guide-grad", "x0", "--sampler", "ddim")
+    a = run(tiny_model_path, tmp_path / "a", *common, "--lambda", 3, "--batch", 1)
+    b = run(tiny_model_path, tmp_path / "b", *common, "--lambda", 3, "--batch", 3)
+    plain = run(tiny_model_path, tmp_path / "plain", *common, "--lambda", 0)
+    assert np.array_equal(pixels(tmp_path / "a"), pixels(tmp_path / "b")) and a == b
+    assert not np.array_equal(pixels(tmp_path / "a"), pixels(tmp_path / "plain"))
+    assert all(r["guidance"] == "heads:lambda=3.0:x0" for r in a) and plain[0]["guidance"] == "heads:lambda=0.0:x0"
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
