@@ -230,7 +230,8 @@ def test_nan_potentials_stop_with_one_line_and_write_nothing(tiny_model_path, he
     from ddguide.stages.sample import Sampling
 
     monkeypatch.setattr(Sampling, "reward", lambda self, x0, idx: torch.full((len(x0),), float("nan")))
-    for options in (("--particles", 2, "--guide", head), ("--search", "best-of-n", "--verifier", head)):
+    for options in (("--particles", 2, "--guide", head), ("--search", "best-of-n", "--verifier", head),
+                    ("--search", "prune", "--verifier", head)):
         r = cli("sample", "--model", tiny_model_path, "-n", 2, "--steps", 3, "--device", "cpu",
                 "--out", tmp_path / "s", *options)
         expect_user_error(r, "NaN")
