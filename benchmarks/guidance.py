@@ -70,7 +70,8 @@ METHODS = {
     "prune-8": {"search": "prune", "candidates": 8, "lam": 0.0},  # ~4x
     "prune-16": {"search": "prune", "candidates": 16, "lam": 0.0},  # ~8x
     "prune-32": {"search": "prune", "candidates": 32, "lam": 0.0},  # ~15x
-    "prune-4+eq13": {"search": "prune", "candidates": 4, "lam": 1.0, "guide_grad": "x0", "guide_window": (999, 0)},  # Eq. 13 steps, pruned
+    # the pruned search over Eq. 13 trajectories
+    "prune-4+eq13": {"search": "prune", "candidates": 4, "lam": 1.0, "guide_grad": "x0", "guide_window": (999, 0)},
     "prune-8+eq13": {"search": "prune", "candidates": 8, "lam": 1.0, "guide_grad": "x0", "guide_window": (999, 0)},
     "fk-16": {"particles": 16, "lam": 0.0},
     "eq13-x0-every2": {"lam": 3.0, "guide_grad": "x0", "guide_every": 2, "guide_window": (999, 0)},

@@ -3,9 +3,9 @@
 
 x: the cost per image relative to unguided sampling in U-Net passes (full forwards + the heads' truncated
 feature passes + backward passes, each counted once, over unguided's forwards; log2 axis): counted by hooks, so
-exact, where the rows' wall times were measured in different runs beside other jobs; y: the judge's share of images with the attribute (the shapes
-oracle, or for the digits the SVM trained on real digits), mean over seeds with the spread (min to max) as error
-bars. Needs matplotlib (not a dependency of ddguide).
+exact, where the rows' wall times were measured in different runs beside other jobs; y: the judge's share of
+images with the attribute (the shapes oracle, or for the digits the SVM trained on real digits), mean over seeds
+with the spread (min to max) as error bars. Needs matplotlib (not a dependency of ddguide).
 
     python benchmarks/guidance_plot.py --out docs/guidance-budget.png
 """

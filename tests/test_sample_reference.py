@@ -25,7 +25,8 @@ MODES = {
     "guided-full": ("--guide", "{cls}", "--lambda", 1.0, "--batch", 3, "--guide-window", 999, 0),
     "guided-x0-window": ("--guide", "{cls}", "--lambda", 3.0, "--guide-grad", "x0", "--guide-window", 900, 200),
     "guided-product": ("--guide", "{cls}:0.5:0", "--guide", "{cls}:1.5", "--lambda", 2.0, "--guide-window", 999, 0),
-    "guided-mask": ("--guide", "{seg}", "--mask", "{mask}", "--lambda", 0.01, "--guide-grad", "x0", "--guide-window", 999, 0),
+    "guided-mask": ("--guide", "{seg}", "--mask", "{mask}", "--lambda", 0.01, "--guide-grad", "x0",
+                    "--guide-window", 999, 0),
     "guided-bf16": ("--guide", "{cls}", "--lambda", 1.0, "--precision", "bf16", "--guide-window", 999, 0),
     "class": ("--model", "{cond}", "--class", "all", "--batch", 3),
     "cfg": ("--model", "{cond}", "--class", "blue_diamond", "--cfg", 2.0),
@@ -104,6 +105,7 @@ def test_guidance_defaults_to_the_measured_window(files, tmp_path):
     --guide-window 999 200, and not those of guiding at every step (DDIM 8 has steps below t = 200)."""
     common = ["--model", str(files["tiny"]), "--guide", str(files["cls"]), "--lambda", 3.0, "--sampler", "ddim",
               "-n", 2, "--steps", 8, "--device", "cpu", "--precision", "fp32"]
-    for name, extra in (("default", []), ("window", ["--guide-window", 999, 200]), ("every", ["--guide-window", 999, 0])):
+    windows = {"default": [], "window": ["--guide-window", 999, 200], "every": ["--guide-window", 999, 0]}
+    for name, extra in windows.items():
         expect_ok(cli("sample", *common, *extra, "--out", tmp_path / name))
     assert digest(tmp_path / "default") == digest(tmp_path / "window") != digest(tmp_path / "every")

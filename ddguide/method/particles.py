@@ -44,7 +44,8 @@ from ddguide.core.sampling import Chain, Prediction, per_image_randn
 
 POTENTIALS = ("max", "diff", "sum")
 SEARCHES = ("best-of-n", "zero-order", "prune")
-# --search prune's default schedule: (share of the steps done, share of the candidates kept). Chosen on 512
+# --search prune's default schedule: (share of the steps done, share of the candidates kept). Chosen by
+# benchmarks/prune_schedule.py on 512
 # unguided DDIM-25 samples of the shipped model (seed 50000, not the benchmarks' seeds) by replaying every
 # schedule of one or two prunings within 4x an unguided sample's passes on the recorded x0_hat scores: 8 candidates,
 # 3 kept after step 7 of 25, 1 after step 16, gave the largest smallest share of the four attributes (has_red
