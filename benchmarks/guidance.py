@@ -22,6 +22,8 @@ the cost per image in U-Net passes (full forwards, truncated feature passes, bac
 and wall time, mean and spread over seeds.
 
     python benchmarks/guidance.py --attributes has_red has_circle --seeds 0 1 2 --n 64 --out runs/guidance.json
+    python benchmarks/guidance.py --attributes has_red --methods unguided prune-8 --steps 50 --sampler ddpm \
+        --out runs/guidance-ddpm.json          # sample's default sampler
 Rows are appended to --out as they are measured; a rerun skips the rows already there.
 """
 
@@ -136,12 +138,12 @@ def fd(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def measure(head: Path, attribute: str, method: str, seed: int, n: int, steps: int, batch: int,
-            real: np.ndarray, extractor: DenoiserFeatures) -> dict:
+            real: np.ndarray, extractor: DenoiserFeatures, sampler: str = "ddim") -> dict:
     options = dict(METHODS[method])
     guided = method != "unguided"
     with tempfile.TemporaryDirectory() as tmp, Counter() as count:
         start = time.perf_counter()
-        cfg = SampleConfig(out=str(Path(tmp) / "s"), n=n, steps=steps, sampler="ddim", seed=1000 * seed, batch=batch,
+        cfg = SampleConfig(out=str(Path(tmp) / "s"), n=n, steps=steps, sampler=sampler, seed=1000 * seed, batch=batch,
                            device="cpu",
                            precision="auto", guides=[str(head)] if guided else [], **options)
         sample(cfg)
@@ -177,6 +179,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"),
+                    help="ddim (eta 0; the rows in README) or ddpm (sample's default sampler)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("runs/guidance"))
     ap.add_argument("--out", type=Path, default=Path("runs/guidance.json"))
@@ -190,10 +194,12 @@ def main() -> None:
         real = real_features(args.work, attribute, extractor)
         for seed in args.seeds:
             for method in args.methods:
-                key = {"attribute": attribute, "method": method, "seed": seed, "n": args.n, "steps": args.steps}
-                if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+                key = {"attribute": attribute, "method": method, "seed": seed, "n": args.n, "steps": args.steps,
+                       "sampler": args.sampler}
+                if any(all(r.get(k, "ddim") == v for k, v in key.items()) for r in rows):
                     continue
-                row = measure(head, attribute, method, seed, args.n, args.steps, args.batch, real, extractor)
+                row = {**measure(head, attribute, method, seed, args.n, args.steps, args.batch, real, extractor,
+                                 args.sampler), "sampler": args.sampler}
                 rows.append(row)
                 args.out.write_text(json.dumps(rows, indent=1))
                 print(json.dumps(row), flush=True)
