@@ -38,6 +38,19 @@ def shapes_data(where, n: int = 12, size: int = 16, seed: int = 0, split: str = 
     return generate(folder / "data", ShapesConfig(n=n, size=size, seed=seed, split=split))
 
 
+def noise_images(root: Path, n: int) -> Path:
+    """``n`` random 16 px RGB images in two class folders (``a`` holds the odd ones), written under ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"

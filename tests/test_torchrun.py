@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import torchrun
+from conftest import noise_images, torchrun
 from ddguide.core import artifacts
 from ddguide.core.checkpoint import checkpoint_path
 from ddguide.stages.extract import ExtractConfig, extract
@@ -16,13 +14,7 @@ from ddguide.stages.extract import ExtractConfig, extract
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Ten 16 px images in two class folders."""
-    root = tmp_path_factory.mktemp("ranks") / "images"
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        folder = root / ("a" if i % 2 else "b")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
+    return noise_images(tmp_path_factory.mktemp("ranks") / "images", 10)
 
 
 RANK_SCRIPT = """

@@ -6,12 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import cli, expect_user_error
+from conftest import cli, expect_user_error, noise_images
 from ddguide.core import artifacts
 from ddguide.core.checkpoint import checkpoint_path
 from ddguide.core.diffusion import DiffusionConfig
@@ -27,13 +25,7 @@ from ddguide.stages.training import Recipe, fit
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """Eight 16 px images in two class folders."""
-    root = tmp_path_factory.mktemp("stream") / "images"
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        folder = root / ("a" if i % 2 else "b")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
+    return noise_images(tmp_path_factory.mktemp("stream") / "images", 8)
 
 
 def cfg(images, out, stream=True, steps=6, **recipe):
