@@ -484,9 +484,7 @@ class Sampling:
         if cfg.search == "prune":
             return self._pruned(indices, labels)
         chains, den = self._chains(indices, labels, n)
-        gens = particle_generators(cfg.seed, indices, n)
-        size = self.model.image_size
-        noise = per_image_randn((self.model.net.cfg.in_channels, size, size), gens, self.model.device)
+        noise, _ = self._candidates(indices, n)
         rounds = cfg.rounds if cfg.search == "zero-order" else 0
         best_x = best_z = None
         best_score = torch.full((b,), -math.inf, dtype=torch.float64)
@@ -515,13 +513,17 @@ class Sampling:
                  for j in range(b)]
         return best_x, extra  # type: ignore[return-value]
 
+    def _candidates(self, indices: list[int], n: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """The starting noise of n search candidates per image (image-major) and their generators."""
+        gens = particle_generators(self.cfg.seed, indices, n)
+        size = self.model.image_size
+        return per_image_randn((self.model.net.cfg.in_channels, size, size), gens, self.model.device), gens
+
     def _pruned(self, indices: list[int], labels: list[int] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """N candidates per image (those of best-of-n); after each pruning step the verifier scores the live
         candidates' x0_hat and each image's best K go on; the best final image is kept."""
-        cfg, n, b = self.cfg, self.cfg.candidates, len(indices)
-        gens = particle_generators(cfg.seed, indices, n)
-        size = self.model.image_size
-        x = per_image_randn((self.model.net.cfg.in_channels, size, size), gens, self.model.device)
+        n, b = self.cfg.candidates, len(indices)
+        x, gens = self._candidates(indices, n)
         alive = torch.arange(n).repeat(b, 1)  # (images, live candidates): candidate numbers
         start = 0
         for stop, keep in [(step + 1, k) for step, k in self.prune] + [(len(self.steps), 0)]:
