@@ -6,7 +6,8 @@
 One step of `sample` as it runs: the base denoiser, and head guidance (Eq. 13, `--guide-grad x0` and `full`)
 around it, at `--precision auto` (bf16 autocast where the device has fast bf16, as `sample` picks it) and at
 fp32. The model has random weights of the preset (``shipped`` loads the shipped model); the head is a classifier
-on the model's default taps at T_f = 300 with random weights (its size, not its weights, sets the cost). The
+on the model's default taps at T_f = 300 with random weights (its size, not its weights, sets the cost); also
+the heads' truncated feature pass alone, what a verifier pays per candidate it scores. The
 variants run in turn within each round and each is divided by the fp32 unguided step of its own round, so a drift
 in the machine's speed touches numerator and denominator alike; the median and quartiles over the rounds are
 printed.
@@ -26,9 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddguide.core.model import Model, denoiser, load_model  # noqa: E402
 from ddguide.core.presets import get_preset  # noqa: E402
-from ddguide.core.runtime import resolve_precision  # noqa: E402
+from ddguide.core.runtime import (
+    autocast,  # noqa: E402
+    resolve_precision,  # noqa: E402
+)
 from ddguide.core.unet import UNetModel  # noqa: E402
-from ddguide.method.features import FeatureSpec  # noqa: E402
+from ddguide.method.features import FeatureSpec, compute  # noqa: E402
 from ddguide.method.guidance import Guide, head_guidance  # noqa: E402
 from ddguide.method.heads import Head, HeadConfig  # noqa: E402
 
@@ -73,7 +77,12 @@ def main() -> None:
             return run
         return lambda: den(x, t)
 
+    def feature_pass() -> None:  # what a verifier pays per candidate it scores (--search, --particles)
+        with torch.no_grad(), autocast(x.device, auto):
+            compute(model, x, spec, indices)
+
     variants = {"unguided, fp32": step("fp32", None), f"unguided, auto ({auto})": step(auto, None),
+                f"heads' feature pass, auto ({auto})": feature_pass,
                 f"guided x0, auto ({auto})": step(auto, "x0"), f"guided full, auto ({auto})": step(auto, "full"),
                 "guided x0, fp32": step("fp32", "x0"), "guided full, fp32": step("fp32", "full")}
     for fn in variants.values():
@@ -91,7 +100,7 @@ def main() -> None:
     for name, ts in times.items():
         r = np.array(ts) / ref
         q1, q2, q3 = np.percentile(r, (25, 50, 75))
-        print(f"  {name:<28} {q2:5.2f}x  (quartiles {q1:.2f}-{q3:.2f})")
+        print(f"  {name:<34} {q2:5.2f}x  (quartiles {q1:.2f}-{q3:.2f})")
 
 
 if __name__ == "__main__":
