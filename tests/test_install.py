@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = "./install.sh && .venv/bin/ddguide demo"
-TEST = ".venv/bin/python -m pytest -q"
+TEST = ".venv/bin/python -m pytest -q -n 2"
 
 
 def readme_first_commands(readme: Path) -> list[str]:
