@@ -15,6 +15,8 @@ default window, t >= 200, existed; `eq13-x0-w999-200` is that default):
                     (--search prune --candidates N, the default schedule)
     tds-K           the twisted diffusion sampler with K particles (--smc tds --particles K --lambda 1
                     --guide-grad x0; DDIM eta 1)
+    prune-N+eq13    the pruned search over Eq. 13 trajectories (--search prune --candidates N --lambda 1
+                    --guide-grad x0); N = 2, 3 under sample's default window, N = 4, 8 at every step
 
 Reported per method: the oracle's share of images with the attribute, the share of valid images, the Frechet
 distance (denoiser `mid` features, as `ddguide fid --features denoiser`) to real images that have the attribute,
@@ -76,6 +78,11 @@ METHODS = {
     "prune-4+eq13": {"search": "prune", "candidates": 4, "lam": 1.0, "guide_grad": "x0", "guide_window": (999, 0)},
     "prune-8+eq13": {"search": "prune", "candidates": 8, "lam": 1.0, "guide_grad": "x0", "guide_window": (999, 0)},
     "fk-16": {"particles": 16, "lam": 0.0},
+    # under sample's default window (t >= 200): Eq. 13 at lambda 1, and the pruned search over 2 or 3 such trajectories
+    "eq13-x0-lambda1": {"lam": 1.0, "guide_grad": "x0"},
+    "prune-2+eq13": {"search": "prune", "candidates": 2, "lam": 1.0, "guide_grad": "x0"},
+    "prune-3+eq13": {"search": "prune", "candidates": 3, "lam": 1.0, "guide_grad": "x0"},
+    "prune-3+eq13-every2": {"search": "prune", "candidates": 3, "lam": 1.0, "guide_grad": "x0", "guide_every": 2},
     "eq13-x0-every2": {"lam": 3.0, "guide_grad": "x0", "guide_every": 2, "guide_window": (999, 0)},
     "eq13-x0-w999-500": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 500)},  # the noisy half only
     "eq13-x0-w999-200": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 200)},  # sample's default window

@@ -47,6 +47,8 @@ METHODS = {
     "prune-8+eq13": {"search": "prune", "candidates": 8, "lam": 0.5, "guide_grad": "x0", "guide_window": (999, 0)},
     "eq13-full-w999-200": {"lam": 0.5, "guide_grad": "full", "guide_window": (999, 200)},
     "prune-32": {"search": "prune", "candidates": 32, "lam": 0.0},  # ~15x
+    "prune-3+eq13": {"search": "prune", "candidates": 3, "lam": 0.5, "guide_grad": "x0"},  # sample's default window
+    "prune-2+eq13": {"search": "prune", "candidates": 2, "lam": 0.5, "guide_grad": "x0"},
     "fk-16": {"particles": 16, "lam": 0.0},  # 16x
 }
 
