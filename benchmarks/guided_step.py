@@ -27,22 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddguide.core.model import Model, denoiser, load_model  # noqa: E402
 from ddguide.core.presets import get_preset  # noqa: E402
-from ddguide.core.runtime import (
-    autocast,  # noqa: E402
-    resolve_precision,  # noqa: E402
-)
+from ddguide.core.runtime import autocast, fast_layout, resolve_precision  # noqa: E402
 from ddguide.core.unet import UNetModel  # noqa: E402
 from ddguide.method.features import FeatureSpec, compute  # noqa: E402
 from ddguide.method.guidance import Guide, head_guidance  # noqa: E402
 from ddguide.method.heads import Head, HeadConfig  # noqa: E402
 
 
-def build(preset: str) -> Model:
+def build(preset: str, layout: str = "fast") -> Model:
+    """The preset's model (random weights) or the shipped one, in the layout `load_model` gives (``fast``:
+    channels_last on the CPU) or in NCHW."""
     if preset == "shipped":
-        return load_model()
-    p = get_preset(preset)
-    torch.manual_seed(0)
-    return Model(UNetModel(p.unet).eval(), p.diffusion)
+        model = load_model()
+    else:
+        p = get_preset(preset)
+        torch.manual_seed(0)
+        model = Model(UNetModel(p.unet).eval(), p.diffusion)
+    return model.to(memory_format=torch.contiguous_format) if layout == "nchw" else fast_layout(model, "cpu")
 
 
 def main() -> None:
@@ -51,9 +52,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--layout", default="fast", choices=("fast", "nchw"), help=(
+        "fast: the layout load_model gives (channels_last on the CPU); nchw: the layout models had before"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build(args.preset).requires_grad_(False)
+    model = build(args.preset, args.layout).requires_grad_(False)
     net, size = model.net, model.image_size
     taps = tuple(net.default_taps())
     spec = FeatureSpec(taps, (300,))
@@ -94,7 +97,8 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     ref = np.array(times["unguided, fp32"])
-    print(f"{args.preset} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters), batch {args.batch}, "
+    print(f"{args.preset} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {args.layout} layout), "
+          f"batch {args.batch}, "
           f"{args.threads} thread(s), taps {' '.join(taps)} @ 300; time over the fp32 unguided step of the same "
           f"round ({ref.mean() * 1000 / args.batch:.1f} ms per image), median and quartiles of {args.rounds} rounds:")
     for name, ts in times.items():

@@ -67,6 +67,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def nchw_layout():
+    """Models load in the NCHW layout for the module's tests, as they did when its pinned digests were recorded:
+    `load_model` keeps the CPU's faster channels_last layout (core.runtime.fast_layout) off, which changes values
+    at float rounding only (tests/test_sample_reference.py compares the two layouts)."""
+    import ddguide.core.model as model_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "fast_layout", lambda module, device: module)
+        yield
+
+
 # ---------------------------------------------------------------------------------- driving the CLI in-process
 
 

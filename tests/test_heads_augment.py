@@ -1,7 +1,8 @@
 """`train-head --augment x0`: heads trained also on the taps of x0_hat(x_t), the inputs guidance feeds them.
 
 `--augment none` (the default) must give the head it always gave: the digests below cover the weights, the
-config (the two paths left out) and the fingerprint of heads written by train-head before --augment existed.
+config (the two paths left out) and the fingerprint of heads written by train-head before --augment existed
+(in the NCHW layout models loaded in then: the `nchw_layout` fixture).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def head_digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def feats(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
+def feats(tmp_path_factory, tiny_model_path, nchw_layout) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("augment")
     data = shapes_data(root, n=12, size=16)
     out = {}
@@ -50,7 +51,7 @@ def train(feats_path, out, *args):
 
 
 @pytest.mark.parametrize("kind", ["classifier", "segmentation"])
-def test_augment_none_gives_the_head_it_always_gave(feats, tmp_path, tiny_model_path, kind):
+def test_augment_none_gives_the_head_it_always_gave(feats, tmp_path, tiny_model_path, kind, nchw_layout):
     for name, args in (("default", ()), ("none", ("--augment", "none")),
                        ("none-model", ("--augment", "none", "--model", tiny_model_path))):
         out = tmp_path / f"{name}.safetensors"

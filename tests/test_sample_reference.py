@@ -2,11 +2,14 @@
 the code before the sampling core was rewritten (the digests below were computed by that code path).
 
 The digest covers each PNG's pixels and the index.csv text, so a change in any image, seed, class, head
-probability or column order shows. Everything runs on the CPU in fp32 or bf16 with one thread.
+probability or column order shows. Everything runs on the CPU in fp32 or bf16 with one thread, with models in
+the NCHW layout they loaded in when the digests were recorded (the `nchw_layout` fixture);
+`test_channels_last_changes_values_at_rounding_only` compares the channels_last layout models load in now.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from pathlib import Path
 
@@ -14,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ddguide.core.model as model_module
 from conftest import build_tiny, cli, expect_ok
+from ddguide.core.runtime import fast_layout
 
 # mode -> sample options (beyond --model, -n, --steps, --device cpu, --out); the guided modes were recorded
 # guiding at every step, before sample's default window (t >= 0.2 T), so they name --guide-window 999 0
@@ -58,7 +63,7 @@ def digest(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
+def files(tmp_path_factory, tiny_model_path, nchw_layout) -> dict[str, Path]:
     """The tiny model, a 3-class conditional tiny model, a classifier, a segmentation and a rejection head."""
     from ddguide.core.model import save_model
     from ddguide.shapes.dataset import ShapesConfig, generate
@@ -69,8 +74,8 @@ def files(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
     cond.classes = ["blue_circle", "blue_diamond", "blue_square"]  # among the rejection head's classes
     save_model(root / "cond.safetensors", cond)
     base = ("--model", tiny_model_path, "--timesteps", 300, "--device", "cpu", "--precision", "fp32")
-    expect_ok(cli("extract", data / "images", *base, "--blocks", "mid", "--blocks", "out.1", "--labels", data / "attributes.csv", "--label", "has_circle",
-                  "--out", root / "f.safetensors"))
+    expect_ok(cli("extract", data / "images", *base, "--blocks", "mid", "--blocks", "out.1",
+                  "--labels", data / "attributes.csv", "--label", "has_circle", "--out", root / "f.safetensors"))
     expect_ok(cli("extract", data / "images", *base, "--blocks", "mid", "--blocks", "out.1", "--masks",
                   data / "masks", "--out", root / "fm.safetensors"))
     expect_ok(cli("extract", data / "images", *base, "--blocks", "mid", "--timesteps", 800,
@@ -79,7 +84,8 @@ def files(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
                   "--out", root / "cls.safetensors"))
     expect_ok(cli("train-head", root / "fm.safetensors", "--kind", "segmentation", "--steps", 10,
                   "--out", root / "seg.safetensors"))
-    expect_ok(cli("train-head", root / "fr.safetensors", "--kind", "rejection", "--steps", 20, "--out", root / "rej.safetensors"))
+    expect_ok(cli("train-head", root / "fr.safetensors", "--kind", "rejection", "--steps", 20,
+                  "--out", root / "rej.safetensors"))
     mask = np.zeros((16, 16), np.uint8)
     mask[4:12, 4:12] = 1
     Image.fromarray(mask).save(root / "mask.png")
@@ -88,7 +94,7 @@ def files(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_sample_outputs_are_the_recorded_ones(mode, files, tmp_path):
+def test_sample_outputs_are_the_recorded_ones(mode, files, tmp_path, nchw_layout):
     options = [str(o).format(**{k: str(v) for k, v in files.items()}) for o in MODES[mode]]
     if "--model" not in options:
         options = ["--model", str(files["tiny"]), *options]
@@ -109,3 +115,36 @@ def test_guidance_defaults_to_the_measured_window(files, tmp_path):
     for name, extra in windows.items():
         expect_ok(cli("sample", *common, *extra, "--out", tmp_path / name))
     assert digest(tmp_path / "default") == digest(tmp_path / "window") != digest(tmp_path / "every")
+
+
+def _images(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
+                     for p in sorted(folder.glob("[0-9]*.png"))])
+
+
+@pytest.mark.parametrize("mode", ["ddim", "ddpm", "guided-full", "guided-x0-window", "guided-mask", "guided-bf16"])
+def test_channels_last_changes_values_at_rounding_only(mode, files, tmp_path, monkeypatch):
+    """The CPU's channels_last layout (what `load_model` gives) against NCHW: the convolutions accumulate in
+    another order, so values agree to float rounding. Unguided images come out the same; guided ones differ in
+    a few pixels by a few grey levels, and the head probabilities in index.csv by < 1e-3."""
+    options = [str(o).format(**{k: str(v) for k, v in files.items()}) for o in MODES[mode]]
+    options += [] if "--precision" in options else ["--precision", "fp32"]
+    options += [] if "--sampler" in options else ["--sampler", "ddim"]
+    out = {}
+    for layout, fn in (("nchw", lambda module, device: module), ("channels_last", fast_layout)):
+        monkeypatch.setattr(model_module, "fast_layout", fn)
+        out[layout] = tmp_path / layout
+        expect_ok(cli("sample", "--model", files["tiny"], *options, "-n", 4, "--steps", 4, "--device", "cpu",
+                      "--out", out[layout]))
+    diff = np.abs(_images(out["nchw"]) - _images(out["channels_last"]))
+    if not mode.startswith("guided"):
+        assert diff.max() == 0, mode
+    assert diff.max() <= 4 and (diff > 0).mean() < 0.05, (mode, diff.max(), (diff > 0).mean())
+    rows = {layout: list(csv.DictReader((out[layout] / "index.csv").open())) for layout in out}
+    for ra, rb in zip(rows["nchw"], rows["channels_last"], strict=True):
+        assert ra.keys() == rb.keys(), mode
+        for key in ra:  # probabilities to rounding, every other column the same
+            if key.endswith("prob"):
+                assert abs(float(ra[key]) - float(rb[key])) < 1e-3, (mode, key, ra[key], rb[key])
+            else:
+                assert ra[key] == rb[key], (mode, key)

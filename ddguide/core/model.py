@@ -21,7 +21,7 @@ from ddguide.core.diffusers_unet import NETWORK as DIFFUSERS
 from ddguide.core.diffusers_unet import DiffusersConfig, DiffusersUNet, check_config, read_folder
 from ddguide.core.diffusion import DiffusionConfig, alphas_cumprod, split_output
 from ddguide.core.errors import UserError
-from ddguide.core.runtime import autocast
+from ddguide.core.runtime import autocast, fast_layout
 from ddguide.core.unet import UNetConfig, UNetModel
 
 DEFAULT_MODEL = "shapes32.safetensors"
@@ -132,17 +132,17 @@ def default_model_path() -> Path:
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Model:
     """Load a ``model`` artifact (None = the shipped default), or a diffusers ``UNet2DModel`` folder, in eval mode
-    on ``device``."""
+    on ``device``, in the weight layout that device convolves fastest (:func:`~ddguide.core.runtime.fast_layout`)."""
     path = Path(path) if path is not None else default_model_path()
     if path.is_dir():
-        model = model_from_folder(path).to(device).eval()
+        model = fast_layout(model_from_folder(path).to(device).eval(), device)
         model.source_path = path
         return model
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         raise UserError(f"{path}: a PyTorch checkpoint; convert it first with `ddguide convert {path} --out "
                         f"{path.with_suffix('.safetensors').name}`")
     art = artifacts.load(path, "model")
-    model = model_from_artifact(art).to(device).eval()
+    model = fast_layout(model_from_artifact(art).to(device).eval(), device)
     model.source_path = path
     return model
 
