@@ -16,7 +16,8 @@ default window, t >= 200, existed; `eq13-x0-w999-200` is that default):
     tds-K           the twisted diffusion sampler with K particles (--smc tds --particles K --lambda 1
                     --guide-grad x0; DDIM eta 1)
     prune-N+eq13    the pruned search over Eq. 13 trajectories (--search prune --candidates N --lambda 1
-                    --guide-grad x0); N = 2, 3 under sample's default window, N = 4, 8 at every step
+                    --guide-grad x0); N = 2, 3 under sample's default window, N = 4, 8 at every step;
+                    -every2[-lambdaL]: Eq. 13 at every 2nd step (--guide-every 2), lambda L (default 1)
 
 Reported per method: the oracle's share of images with the attribute, the share of valid images, the Frechet
 distance (denoiser `mid` features, as `ddguide fid --features denoiser`) to real images that have the attribute,
@@ -83,6 +84,13 @@ METHODS = {
     "prune-2+eq13": {"search": "prune", "candidates": 2, "lam": 1.0, "guide_grad": "x0"},
     "prune-3+eq13": {"search": "prune", "candidates": 3, "lam": 1.0, "guide_grad": "x0"},
     "prune-3+eq13-every2": {"search": "prune", "candidates": 3, "lam": 1.0, "guide_grad": "x0", "guide_every": 2},
+    "prune-3+eq13-every2-lambda2": {"search": "prune", "candidates": 3, "lam": 2.0, "guide_grad": "x0",
+                                    "guide_every": 2},
+    "prune-2+eq13-lambda3": {"search": "prune", "candidates": 2, "lam": 3.0, "guide_grad": "x0"},
+    "prune-3+eq13-every2-lambda3": {"search": "prune", "candidates": 3, "lam": 3.0, "guide_grad": "x0",
+                                    "guide_every": 2},
+    "prune-3+eq13-every2-lambda4": {"search": "prune", "candidates": 3, "lam": 4.0, "guide_grad": "x0",
+                                    "guide_every": 2},
     "eq13-x0-every2": {"lam": 3.0, "guide_grad": "x0", "guide_every": 2, "guide_window": (999, 0)},
     "eq13-x0-w999-500": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 500)},  # the noisy half only
     "eq13-x0-w999-200": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 200)},  # sample's default window
