@@ -7,6 +7,7 @@ default window, t >= 200, existed; `eq13-x0-w999-200` is that default):
 
     unguided        plain sampling
     eq13-x0         Eq. 13, --lambda 3 --guide-grad x0
+    eq13-full       Eq. 13, --lambda 3 --guide-grad full (the paper's gradient, through the denoiser too)
     best-of-N       N candidates, the head as verifier keeps the best (--search best-of-n)
     fk-K            Feynman-Kac steering with K particles, potentials from the head (--particles K)
     fk-K+eq13       FK whose proposal is the Eq. 13 step (--particles K --lambda 1 --guide-grad x0)
@@ -59,6 +60,7 @@ from ddguide.stages.sample import SampleConfig, sample  # noqa: E402
 METHODS = {
     "unguided": {},
     "eq13-x0": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 0)},
+    "eq13-full": {"lam": 3.0, "guide_grad": "full", "guide_window": (999, 0)},  # the paper's gradient
     "best-of-4": {"search": "best-of-n", "candidates": 4, "lam": 0.0},
     "best-of-8": {"search": "best-of-n", "candidates": 8, "lam": 0.0},
     "fk-4": {"particles": 4, "lam": 0.0},
