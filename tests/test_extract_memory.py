@@ -44,3 +44,44 @@ def test_extract_bf16_features_are_unchanged_by_the_stored_weights(tmp_path, mon
     expect_ok(cli(*args, "--out", tmp_path / "b.safetensors"))
     a, b = (artifacts.load(tmp_path / f"{x}.safetensors", "features").tensors for x in "ab")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fast_layout_reorders_each_weight_in_its_own_memory():
+    """channels_last on the CPU without a second copy of the weights: every 4-d weight is rewritten in place
+    (same values, channels_last strides, same memory); a weight two layers share is reordered once."""
+    from ddguide.core.runtime import fast_layout
+
+    model = build_tiny(seed=2)
+    shared = torch.nn.Conv2d(3, 3, 3)
+    net = torch.nn.Sequential(shared, torch.nn.Conv2d(3, 3, 3))
+    net[1].weight = shared.weight  # tied
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    fast_layout(model, "cpu")
+    fast_layout(net, "cpu")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.data_ptr() == pointers[n], n  # no new allocation
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last), n
+    assert net[0].weight is net[1].weight and net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(net(x), torch.nn.functional.conv2d(torch.nn.functional.conv2d(
+        x, shared.weight.contiguous(), shared.bias), shared.weight.contiguous(), net[1].bias), atol=1e-6)
+
+
+def test_loading_a_model_leaves_its_file_unchanged(tmp_path):
+    """The in-place reordering writes to the file's private mapping, never to the file."""
+    import hashlib
+
+    from ddguide.core.model import load_model
+
+    path = tmp_path / "m.safetensors"
+    save_model(path, build_tiny(seed=4))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = load_model(path)
+    conv = model.net.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    again = load_model(path)  # and reads back the same values
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))

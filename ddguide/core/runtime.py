@@ -226,11 +226,30 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
 def fast_layout(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """The weight layout whose convolutions run fastest on ``device``, in place: channels_last (NHWC) on the CPU,
     where oneDNN convolves NHWC natively and otherwise reorders every NCHW activation in and out of each
-    convolution (`benchmarks/unet_speed.py --layout`: the shipped model's fp32 forward 1.4x, bf16 1.2x; ADM-64
-    1.1x / 1.15x, one thread). An NCHW input then runs NHWC from the first convolution on. Values agree with NCHW
-    to float rounding (accumulation order), not bit for bit. Other devices keep their layout (unmeasured)."""
-    if torch.device(device).type == "cpu":
-        module.to(memory_format=torch.channels_last)
+    convolution (`benchmarks/unet_speed.py --layouts`, one thread: forward 1.08-1.18x, guided step 1.08-1.13x on
+    shapes32 and ADM-64). An NCHW input then runs NHWC from the first convolution on. Values agree with NCHW to
+    float rounding (accumulation order), not bit for bit. Each weight is reordered within its own memory, so a
+    model costs no second copy of its weights (`benchmarks/extract_memory.py`). Other devices keep their layout
+    (unmeasured)."""
+    if torch.device(device).type != "cpu":
+        return module
+    seen: set[tuple[int, int]] = set()
+    for m in module.modules():
+        for param in m.parameters(recurse=False):
+            w = param.data
+            if w.dim() != 4 or w.is_contiguous(memory_format=torch.channels_last):
+                continue
+            where = (w.untyped_storage().data_ptr(), w.storage_offset())
+            if w.is_contiguous() and where not in seen:
+                # rewrite the weight's own bytes in the new order: a model read from a file keeps its weights
+                # in the file's (private, copy-on-write) mapping instead of a second copy of them all
+                nhwc = w.contiguous(memory_format=torch.channels_last)
+                view = w.as_strided(w.shape, nhwc.stride())
+                view.copy_(nhwc)
+                param.data = view
+            else:  # a weight seen twice (tied) or not dense: a copy of its own
+                param.data = w.contiguous(memory_format=torch.channels_last)
+            seen.add(where)
     return module
 
 
