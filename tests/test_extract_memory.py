@@ -69,6 +69,16 @@ def test_fast_layout_reorders_each_weight_in_its_own_memory():
     assert torch.allclose(net(x), torch.nn.functional.conv2d(torch.nn.functional.conv2d(
         x, shared.weight.contiguous(), shared.bias), shared.weight.contiguous(), net[1].bias), atol=1e-6)
 
+    # two parameters that view the same bytes (as two names of one file tensor would): both end up on the
+    # reordered bytes with the original values
+    base = torch.randn(4, 3, 3, 3)
+    twins = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3))
+    twins[0].weight.data, twins[1].weight.data = base.view(4, 3, 3, 3), base.view(4, 3, 3, 3)
+    expected = base.clone()
+    fast_layout(twins, "cpu")
+    for conv in twins:
+        assert torch.equal(conv.weight, expected) and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
 
 def test_loading_a_model_leaves_its_file_unchanged(tmp_path):
     """The in-place reordering writes to the file's private mapping, never to the file."""

@@ -233,23 +233,22 @@ def fast_layout(module: torch.nn.Module, device: torch.device | str) -> torch.nn
     (unmeasured)."""
     if torch.device(device).type != "cpu":
         return module
-    seen: set[tuple[int, int]] = set()
+    reordered: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}  # (storage, offset, shape) -> new view
     for m in module.modules():
         for param in m.parameters(recurse=False):
             w = param.data
             if w.dim() != 4 or w.is_contiguous(memory_format=torch.channels_last):
                 continue
-            where = (w.untyped_storage().data_ptr(), w.storage_offset())
-            if w.is_contiguous() and where not in seen:
+            where = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape))
+            if where in reordered:  # another tensor on the same bytes, which now hold the new order
+                param.data = reordered[where]
+            elif w.is_contiguous():
                 # rewrite the weight's own bytes in the new order: a model read from a file keeps its weights
                 # in the file's (private, copy-on-write) mapping instead of a second copy of them all
                 nhwc = w.contiguous(memory_format=torch.channels_last)
-                view = w.as_strided(w.shape, nhwc.stride())
-                view.copy_(nhwc)
-                param.data = view
-            else:  # a weight seen twice (tied) or not dense: a copy of its own
+                param.data = reordered[where] = w.as_strided(w.shape, nhwc.stride()).copy_(nhwc)
+            else:  # not dense: a copy of its own
                 param.data = w.contiguous(memory_format=torch.channels_last)
-            seen.add(where)
     return module
 
 
