@@ -69,7 +69,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def nchw_layout():
-    """Models load in the NCHW layout for the module's tests, as they did when its pinned digests were recorded:
+    """Models load in the NCHW layout for the module's tests (``pytestmark = pytest.mark.usefixtures("nchw_layout")``),
+    as they did when its pinned digests were recorded:
     `load_model` keeps the CPU's faster channels_last layout (core.runtime.fast_layout) off, which changes values
     at float rounding only (tests/test_sample_reference.py compares the two layouts)."""
     import ddguide.core.model as model_module

@@ -18,6 +18,8 @@ from conftest import build_tiny, cli, expect_ok, expect_user_error, shapes_data
 from ddguide.core import artifacts
 from ddguide.core.model import save_model
 
+pytestmark = pytest.mark.usefixtures("nchw_layout")  # every test here loads models as the digests were recorded
+
 # kind -> digest of a 6-step head on the module's features, recorded with train-head before --augment existed
 NONE_DIGESTS = {"classifier": "8f29b05435d2284b", "segmentation": "17d025e19629f540"}
 
@@ -51,7 +53,7 @@ def train(feats_path, out, *args):
 
 
 @pytest.mark.parametrize("kind", ["classifier", "segmentation"])
-def test_augment_none_gives_the_head_it_always_gave(feats, tmp_path, tiny_model_path, kind, nchw_layout):
+def test_augment_none_gives_the_head_it_always_gave(feats, tmp_path, tiny_model_path, kind):
     for name, args in (("default", ()), ("none", ("--augment", "none")),
                        ("none-model", ("--augment", "none", "--model", tiny_model_path))):
         out = tmp_path / f"{name}.safetensors"

@@ -21,6 +21,8 @@ import ddguide.core.model as model_module
 from conftest import build_tiny, cli, expect_ok
 from ddguide.core.runtime import fast_layout
 
+pytestmark = pytest.mark.usefixtures("nchw_layout")  # every test here loads models as the digests were recorded
+
 # mode -> sample options (beyond --model, -n, --steps, --device cpu, --out); the guided modes were recorded
 # guiding at every step, before sample's default window (t >= 0.2 T), so they name --guide-window 999 0
 MODES = {
@@ -93,16 +95,22 @@ def files(tmp_path_factory, tiny_model_path, nchw_layout) -> dict[str, Path]:
             "seg": root / "seg.safetensors", "rej": root / "rej.safetensors", "mask": root / "mask.png"}
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_sample_outputs_are_the_recorded_ones(mode, files, tmp_path, nchw_layout):
+def sample_options(mode: str, files: dict[str, Path]) -> list[str]:
+    """`sample`'s options for ``mode``: its MODES entry, the tiny model unless it names one, fp32 and DDIM (the
+    default sampler before DDPM measured better) unless it names others, 4 images of 4 steps on the CPU."""
     options = [str(o).format(**{k: str(v) for k, v in files.items()}) for o in MODES[mode]]
     if "--model" not in options:
         options = ["--model", str(files["tiny"]), *options]
     if "--precision" not in options:
         options += ["--precision", "fp32"]
-    if "--sampler" not in options:  # recorded with DDIM, the default sampler before DDPM measured better
+    if "--sampler" not in options:
         options += ["--sampler", "ddim"]
-    expect_ok(cli("sample", *options, "-n", 4, "--steps", 4, "--device", "cpu", "--out", tmp_path / "s"))
+    return [*options, "-n", "4", "--steps", "4", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sample_outputs_are_the_recorded_ones(mode, files, tmp_path):
+    expect_ok(cli("sample", *sample_options(mode, files), "--out", tmp_path / "s"))
     assert digest(tmp_path / "s") == DIGESTS[mode], mode
 
 
@@ -127,15 +135,10 @@ def test_channels_last_changes_values_at_rounding_only(mode, files, tmp_path, mo
     """The CPU's channels_last layout (what `load_model` gives) against NCHW: the convolutions accumulate in
     another order, so values agree to float rounding. Unguided images come out the same; guided ones differ in
     a few pixels by a few grey levels, and the head probabilities in index.csv by < 1e-3."""
-    options = [str(o).format(**{k: str(v) for k, v in files.items()}) for o in MODES[mode]]
-    options += [] if "--precision" in options else ["--precision", "fp32"]
-    options += [] if "--sampler" in options else ["--sampler", "ddim"]
-    out = {}
-    for layout, fn in (("nchw", lambda module, device: module), ("channels_last", fast_layout)):
-        monkeypatch.setattr(model_module, "fast_layout", fn)
-        out[layout] = tmp_path / layout
-        expect_ok(cli("sample", "--model", files["tiny"], *options, "-n", 4, "--steps", 4, "--device", "cpu",
-                      "--out", out[layout]))
+    out = {"nchw": tmp_path / "nchw", "channels_last": tmp_path / "channels_last"}
+    expect_ok(cli("sample", *sample_options(mode, files), "--out", out["nchw"]))  # the module's NCHW layout
+    monkeypatch.setattr(model_module, "fast_layout", fast_layout)  # what load_model does outside these tests
+    expect_ok(cli("sample", *sample_options(mode, files), "--out", out["channels_last"]))
     diff = np.abs(_images(out["nchw"]) - _images(out["channels_last"]))
     if not mode.startswith("guided"):
         assert diff.max() == 0, mode
