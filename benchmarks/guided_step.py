@@ -7,7 +7,9 @@ One step of `sample` as it runs: the base denoiser, and head guidance (Eq. 13, `
 around it, at `--precision auto` (bf16 autocast where the device has fast bf16, as `sample` picks it) and at
 fp32. The model has random weights of the preset (``shipped`` loads the shipped model); the head is a classifier
 on the model's default taps at T_f = 300 with random weights (its size, not its weights, sets the cost); also
-the heads' truncated feature pass alone, what a verifier pays per candidate it scores. The
+the heads' truncated feature pass alone, what a verifier pays per candidate it scores; and, on a copy of the
+model in the NCHW layout models had before `load_model` put them in channels_last, the fp32 unguided step and
+the default-precision x0 step. The
 variants run in turn within each round and each is divided by the fp32 unguided step of its own round, so a drift
 in the machine's speed touches numerator and denominator alike; the median and quartiles over the rounds are
 printed.
@@ -16,6 +18,7 @@ printed.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -34,16 +37,14 @@ from ddguide.method.guidance import Guide, head_guidance  # noqa: E402
 from ddguide.method.heads import Head, HeadConfig  # noqa: E402
 
 
-def build(preset: str, layout: str = "fast") -> Model:
-    """The preset's model (random weights) or the shipped one, in the layout `load_model` gives (``fast``:
-    channels_last on the CPU) or in NCHW."""
+def build(preset: str) -> Model:
+    """The preset's model (random weights) or the shipped one, in the layout `load_model` gives (channels_last on
+    the CPU)."""
     if preset == "shipped":
-        model = load_model()
-    else:
-        p = get_preset(preset)
-        torch.manual_seed(0)
-        model = Model(UNetModel(p.unet).eval(), p.diffusion)
-    return model.to(memory_format=torch.contiguous_format) if layout == "nchw" else fast_layout(model, "cpu")
+        return load_model()
+    p = get_preset(preset)
+    torch.manual_seed(0)
+    return fast_layout(Model(UNetModel(p.unet).eval(), p.diffusion), "cpu")
 
 
 def main() -> None:
@@ -52,11 +53,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--layout", default="fast", choices=("fast", "nchw"), help=(
-        "fast: the layout load_model gives (channels_last on the CPU); nchw: the layout models had before"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build(args.preset, args.layout).requires_grad_(False)
+    model = build(args.preset).requires_grad_(False)
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # the layout models had before
     net, size = model.net, model.image_size
     taps = tuple(net.default_taps())
     spec = FeatureSpec(taps, (300,))
@@ -69,7 +69,7 @@ def main() -> None:
     indices = list(range(args.batch))
     auto = resolve_precision("auto", torch.device("cpu"))
 
-    def step(precision: str, grad: str | None):
+    def step(precision: str, grad: str | None, model: Model = model):
         base = denoiser(model, precision=precision)
         den = base if grad is None else head_guidance(base, model, guides, 1.0, indices, grad=grad,
                                                       precision=precision)
@@ -87,7 +87,9 @@ def main() -> None:
     variants = {"unguided, fp32": step("fp32", None), f"unguided, auto ({auto})": step(auto, None),
                 f"heads' feature pass, auto ({auto})": feature_pass,
                 f"guided x0, auto ({auto})": step(auto, "x0"), f"guided full, auto ({auto})": step(auto, "full"),
-                "guided x0, fp32": step("fp32", "x0"), "guided full, fp32": step("fp32", "full")}
+                "guided x0, fp32": step("fp32", "x0"), "guided full, fp32": step("fp32", "full"),
+                "unguided, fp32, NCHW": step("fp32", None, nchw),
+                f"guided x0, auto ({auto}), NCHW": step(auto, "x0", nchw)}
     for fn in variants.values():
         fn()  # warm-up: oneDNN builds its kernels on the first call
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -97,14 +99,14 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     ref = np.array(times["unguided, fp32"])
-    print(f"{args.preset} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {args.layout} layout), "
-          f"batch {args.batch}, "
-          f"{args.threads} thread(s), taps {' '.join(taps)} @ 300; time over the fp32 unguided step of the same "
-          f"round ({ref.mean() * 1000 / args.batch:.1f} ms per image), median and quartiles of {args.rounds} rounds:")
+    print(f"{args.preset} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, channels_last; the "
+          f"NCHW rows: the layout before), batch {args.batch}, {args.threads} thread(s), taps {' '.join(taps)} @ 300; "
+          f"time over the fp32 unguided step of the same round ({ref.mean() * 1000 / args.batch:.1f} ms per image), "
+          f"median and quartiles of {args.rounds} rounds:")
     for name, ts in times.items():
         r = np.array(ts) / ref
         q1, q2, q3 = np.percentile(r, (25, 50, 75))
-        print(f"  {name:<34} {q2:5.2f}x  (quartiles {q1:.2f}-{q3:.2f})")
+        print(f"  {name:<40} {q2:5.2f}x  (quartiles {q1:.2f}-{q3:.2f})")
 
 
 if __name__ == "__main__":
