@@ -1,8 +1,10 @@
-"""How often guidance fools a head: `train-head --augment none` against `--augment x0` on the shipped model.
+"""How often guidance fools a head: `train-head --augment none` against `--augment x0` (and `--augment adv`) on
+the shipped model.
 
 Per attribute and seed, end to end through the command line: `ddguide data shapes` (a val-split pool, 50 images
 with and 50 without the attribute are the labelled set), `ddguide extract` with the default taps, one head per
-augmentation (`train-head --augment none`, `--augment x0 --augment-fraction F` for each F), then
+augmentation (`train-head --augment none`, `--augment x0 --augment-fraction F` for each F, `--augment adv
+--adv-eps E` for each E of --adv-eps), then
 `ddguide sample --guide HEAD --lambda 3 --guide-grad x0 --guide-window 999 0 -n 64 --steps 25` (every step, as
 measured before sample's default window) with the same sample seeds for every
 head, and one unguided run. The shapes oracle (ddguide.shapes.oracles.predict_attributes) judges every sample,
@@ -104,6 +106,9 @@ def main() -> None:
     ap.add_argument("--attributes", nargs="+", default=["has_circle", "has_red"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.5], help="--augment-fraction values to try")
+    ap.add_argument("--adv-eps", nargs="*", type=float, default=[],
+                    help="--augment adv heads to add, one per --adv-eps value (fraction 0.5)")
+    ap.add_argument("--adv-steps", type=int, default=3, help="their --adv-steps")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--lam", type=float, default=3.0)
@@ -136,12 +141,15 @@ def main() -> None:
             if not feats.exists():
                 ddguide("extract", folder, "--labels", table, "--label", attribute, "--out", feats, "--device", "cpu",
                         threads=args.threads)
-            for augment in ["none", *(f"x0:{f:g}" for f in args.fractions)]:
+            adv = [f"adv:{e:g}" + ("" if args.adv_steps == 3 else f":{args.adv_steps}") for e in args.adv_eps]
+            for augment in ["none", *(f"x0:{f:g}" for f in args.fractions), *adv]:
                 if (attribute, seed, augment) in done:
                     continue
                 head = args.work / f"{attribute}-s{seed}-{augment.replace(':', '-')}.head.safetensors"
                 start = time.time()
-                extra = () if augment == "none" else ("--augment", "x0", "--augment-fraction", augment[3:])
+                kind, *values = augment.split(":")
+                extra = {"none": (), "x0": ("--augment", "x0", "--augment-fraction", *values),
+                         "adv": ("--augment", "adv", "--adv-eps", values[0], "--adv-steps", args.adv_steps)}[kind]
                 if not head.exists():
                     ddguide("train-head", feats, "--out", head, "--seed", seed, "--device", "cpu", *extra,
                             threads=args.threads)

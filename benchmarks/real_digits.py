@@ -17,6 +17,8 @@ functions the commands run:
 
     python benchmarks/real_digits.py --seeds 0 1 2 --n 64 --threads 1
 Rows are appended to --out as they are measured; a rerun skips them (and resumes a stopped training run).
+`--head-seed S` and `--augment x0|adv` measure other heads; `--summary runs/digits.json ...` prints the means
+over the heads of each setting.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 import tempfile
 import time
@@ -76,15 +79,18 @@ def write_folder(folder: Path, images: np.ndarray) -> None:
             Image.fromarray(im, "L").save(path)
 
 
-def head_name(augment: str, fraction: float = 0.5, head_seed: int = 0) -> str:
-    """The rows' "head" key: ``none`` / ``x0`` for the first heads measured (seed 0, fraction 0.5), else with both."""
+def head_name(augment: str, fraction: float = 0.5, head_seed: int = 0, eps: float = 0.25) -> str:
+    """The rows' "head" key: ``none`` / ``x0`` for the first heads measured (seed 0, fraction 0.5), else with both;
+    ``adv-e{eps}-f{fraction}-s{seed}`` for adversarially trained heads."""
+    if augment == "adv":
+        return f"adv-e{eps}-f{fraction}-s{head_seed}"
     if head_seed == 0 and (augment == "none" or fraction == 0.5):
         return augment
     return f"{augment}-f{fraction}-s{head_seed}" if augment != "none" else f"none-s{head_seed}"
 
 
 def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5,
-            head_seed: int = 0) -> tuple[Path, Path, object, np.ndarray]:
+            head_seed: int = 0, eps: float = 0.25) -> tuple[Path, Path, object, np.ndarray]:
     """The model, the head, the judge and the real 3s' features' source images."""
     images, labels = digits()
     write_folder(work / "train", images[:TRAIN])
@@ -106,7 +112,7 @@ def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5
     accuracy = float((judge.predict(pooled(images[TRAIN:])) == labels[TRAIN:]).mean())
     print(f"judge (RBF SVM on {TRAIN} real digits): {accuracy:.3f} on {len(labels) - TRAIN} held-out real digits")
 
-    name = head_name(augment, fraction, head_seed)
+    name = head_name(augment, fraction, head_seed, eps)
     head = work / ("is3.head.safetensors" if name == "none" else f"is3-{name}.head.safetensors")
     if not head.exists():
         pos = [i for i in range(TRAIN) if labels[i] == TARGET][:50]
@@ -121,7 +127,8 @@ def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5
             extract(ExtractConfig(data=str(work / "train"), out=str(feats), model=str(model), labels=str(table),
                                   label="is_3", device="cpu"))
         train_head(TrainHeadConfig(features=str(feats), out=str(head), seed=head_seed, augment=augment,
-                                   augment_fraction=fraction, model=str(model) if augment != "none" else None))
+                                   augment_fraction=fraction, adv_eps=eps,
+                                   model=str(model) if augment != "none" else None))
     return model, head, judge, images[:TRAIN][labels[:TRAIN] == TARGET]
 
 
@@ -157,6 +164,38 @@ def extractor_features(images: np.ndarray, extractor: DenoiserFeatures) -> np.nd
         return extractor(x).numpy().astype(np.float64)
 
 
+def head_family(name: str) -> str:
+    """A head key without its seed: the heads one training setting gave (``x0`` is ``x0-f0.5``)."""
+    base = re.sub(r"-s\d+$", "", name)
+    return "x0-f0.5" if base == "x0" else base
+
+
+def summary(paths: list[Path], n: int) -> None:
+    """Per head setting and method, over the heads of several seeds: the share of 3s (mean ± sd of the heads'
+    means over sample seeds) and the fooling rate (mean, min-max), from the rows of ``paths`` (a row measured
+    twice counts once)."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        for r in json.loads(path.read_text()):
+            if r["n"] == n:
+                rows.setdefault((r.get("head", "none"), r["method"], r["seed"], r["steps"]), r)
+    per_head: dict[tuple[str, str, str], list[dict]] = {}
+    for (head, method, _, _), r in rows.items():
+        per_head.setdefault((head_family(head), method, head), []).append(r)
+    groups: dict[tuple[str, str], list[tuple[float, float | None, int]]] = {}
+    for (family, method, _), rs in sorted(per_head.items()):
+        fooled = [r["fooling_rate"] for r in rs if r["fooling_rate"] is not None]
+        groups.setdefault((family, method), []).append(
+            (float(np.mean([r["share"] for r in rs])), float(np.mean(fooled)) if fooled else None, len(rs)))
+    print(f"{'head setting':22s} {'method':28s} {'heads':>5s} {'share of 3s':>13s} {'fooled (min-max)':>20s} seeds")
+    for (family, method), heads in groups.items():
+        shares = np.array([h[0] for h in heads])
+        fooled = [h[1] for h in heads if h[1] is not None]
+        f = f"{np.mean(fooled):.3f} ({min(fooled):.2f}-{max(fooled):.2f})" if fooled else "-"
+        print(f"{family:22s} {method:28s} {len(heads):5d} {shares.mean():.3f} ± {shares.std():.3f} {f:>20s} "
+              f"{'/'.join(str(h[2]) for h in heads)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["unguided", "eq13-x0", "best-of-4", "fk-4", "best-of-8",
@@ -168,18 +207,24 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--augment", default="none", choices=("none", "x0"),
-                    help="the head's train-head --augment (x0: trained also on x0_hat of the labelled digits)")
+    ap.add_argument("--augment", default="none", choices=("none", "x0", "adv"),
+                    help="the head's train-head --augment (x0: trained also on x0_hat of the labelled digits; adv: "
+                         "also on adversarial versions of them)")
     ap.add_argument("--augment-fraction", type=float, default=0.5, help="the head's train-head --augment-fraction")
+    ap.add_argument("--adv-eps", type=float, default=0.25, help="the head's train-head --adv-eps (--augment adv)")
     ap.add_argument("--head-seed", type=int, default=0, help="the head's train-head --seed")
     ap.add_argument("--work", type=Path, default=Path("runs/digits"))
     ap.add_argument("--out", type=Path, default=Path("runs/digits.json"))
+    ap.add_argument("--summary", nargs="+", type=Path, metavar="JSON",
+                    help="measure nothing: print the means over head seeds of the rows in these files")
     args = ap.parse_args()
+    if args.summary:
+        return summary(args.summary, args.n)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     model, head, judge, real = prepare(args.work, args.train_steps, args.augment, args.augment_fraction,
-                                       args.head_seed)
-    name = head_name(args.augment, args.augment_fraction, args.head_seed)
+                                       args.head_seed, args.adv_eps)
+    name = head_name(args.augment, args.augment_fraction, args.head_seed, args.adv_eps)
     extractor = DenoiserFeatures(load_model(str(model)), "cpu")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for seed in args.seeds:

@@ -1,4 +1,5 @@
-"""`train-head --augment x0`: heads trained also on the taps of x0_hat(x_t), the inputs guidance feeds them.
+"""`train-head --augment x0`: heads trained also on the taps of x0_hat(x_t), the inputs guidance feeds them;
+`--augment adv`: also on adversarial versions of the labelled images (PGD through the feature pass).
 
 `--augment none` (the default) must give the head it always gave: the digests below cover the weights, the
 config (the two paths left out) and the fingerprint of heads written by train-head before --augment existed
@@ -113,11 +114,15 @@ def test_a_model_other_than_the_features_is_refused(feats, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("--augment", "foo"), "--augment: unknown augmentation 'foo' (choose from none, x0)"),
+    (("--augment", "foo"), "--augment: unknown augmentation 'foo' (choose from none, x0, adv)"),
     (("--augment", "x0", "--augment-fraction", 1.5), "--augment-fraction must be in [0, 1], got 1.5"),
     (("--augment-fraction", -0.1), "--augment-fraction must be in [0, 1], got -0.1"),
     (("--augment-fraction", "nan"), "--augment-fraction must be a finite number"),
     (("--augment", "x0", "--kind", "rejection"), "--augment x0 is for classifier and segmentation heads"),
+    (("--augment", "adv", "--kind", "rejection"), "--augment adv is for classifier and segmentation heads"),
+    (("--augment", "adv", "--adv-eps", 0), "--adv-eps must be in (0, 2], got 0"),
+    (("--augment", "adv", "--adv-eps", "nan"), "--adv-eps must be a finite number"),
+    (("--augment", "adv", "--adv-steps", 0), "--adv-steps must be in 1..100, got 0"),
 ])
 def test_bad_augment_values_are_one_line(feats, tmp_path, tiny_model_path, args, fragment):
     out = tmp_path / "h.safetensors"
@@ -132,3 +137,62 @@ def test_help_shows_the_augment_options():
 
     text = CliRunner().invoke(app, ["train-head", "--help"], env={"COLUMNS": "2000"}).output
     assert "--augment-fraction" in text and "[range: in [0, 1]]" in text and "--augment " in text
+
+
+@pytest.mark.parametrize("kind", ["classifier", "segmentation"])
+def test_augment_adv_trains_records_and_repeats(feats, tmp_path, tiny_model_path, kind):
+    args = ("--kind", kind, "--augment", "adv", "--adv-eps", 0.2, "--adv-steps", 2, "--model", tiny_model_path,
+            "--device", "cpu", "--precision", "fp32")
+    a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
+    expect_ok(train(feats[kind], a, *args))
+    expect_ok(train(feats[kind], b, *args))
+    expect_ok(train(feats[kind], c, *args, "--seed", 1))
+    art = artifacts.load(a, "head")
+    t = art.config["train"]
+    assert (t["augment"], t["augment_fraction"], t["adv_eps"], t["adv_steps"], t["precision"]) == (
+        "adv", 0.5, 0.2, 2, "fp32")
+    assert "augment_t" not in t
+    metric = "val_miou_adv" if kind == "segmentation" else "val_accuracy_adv"
+    assert 0 <= art.config["metrics"][metric] <= 1
+    assert head_digest(a) == head_digest(b)
+    assert head_digest(a) != head_digest(c)
+    none = tmp_path / "none.safetensors"
+    expect_ok(train(feats[kind], none, "--kind", kind))
+    weights = artifacts.load(none, "head").tensors
+    assert any(not torch.equal(weights[k], art.tensors[k]) for k in weights)
+
+
+def test_pgd_stays_in_the_ball_and_raises_the_loss(feats, tmp_path, tiny_model_path):
+    """The perturbation keeps to its L2 radius and to [-1, 1], and the head's loss on it is higher than on the
+    clean images (the point of the attack); a larger radius raises it further."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ddguide.core.model import load_model
+    from ddguide.method.features import load_features
+    from ddguide.method.heads import load_head
+    from ddguide.stages.train_head import _pixels, _targets, pgd, taps_input
+
+    out = tmp_path / "h.safetensors"
+    expect_ok(train(feats["classifier"], out, "--steps", 20))
+    head, f = load_head(out), load_features(feats["classifier"])
+    model = load_model(tiny_model_path)
+    y, _ = _targets(f, "classifier")
+    idx = torch.arange(len(y))
+    images = _pixels(f.images, model.device)
+
+    def loss(x):
+        with torch.no_grad():
+            return float(F.cross_entropy(head.net(taps_input(model, head.spec, x, idx, normalize=False,
+                                                            precision="fp32")), y))
+
+    clean = loss(images)
+    losses = []
+    for eps in (0.05, 0.3):
+        adv = pgd(head.net, model, head.spec, images, y, idx, eps=eps, steps=3, normalize=False, precision="fp32")
+        radius = eps * math.sqrt(images[0].numel())
+        assert float((adv - images).flatten(1).norm(dim=1).max()) <= radius * (1 + 1e-5)
+        assert float(adv.min()) >= -1 and float(adv.max()) <= 1
+        losses.append(loss(adv))
+    assert clean < losses[0] < losses[1]

@@ -38,6 +38,8 @@ RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "mixup_cutmix": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "augment_fraction": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "adv_eps": ("in (0, 2]", lambda v: 0 < v <= 2),
+    "adv_steps": ("in 1..100", lambda v: 1 <= v <= 100),
     "milestones": ("two epochs A B with 0 <= A <= B", lambda v: 0 <= v[0] <= v[1]),
     "guide_window": ("HI LO with HI >= LO >= 0 (schedule indices)", lambda v: v[0] >= v[1] >= 0),
     "resample_window": ("HI LO with HI >= LO >= 0 (schedule indices)", lambda v: v[0] >= v[1] >= 0),
@@ -62,7 +64,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "search": ("best-of-n", "zero-order", "prune"),
     "noise": ("none", "fixed"),
     "storage": ("fp32", "fp16"),
-    "augment": ("none", "x0"),
+    "augment": ("none", "x0", "adv"),
 }
 
 

@@ -9,6 +9,7 @@ their artifact are :mod:`ddguide.method.heads`.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -42,15 +43,19 @@ class TrainHeadConfig:
     seed: int = 0
     blocks: tuple[str, ...] | None = None  # a subset of the extracted taps (default: all)
     timesteps: tuple[int, ...] | None = None
-    augment: str = "none"  # none, or x0: train also on the taps of x0_hat(x_t) (the inputs guidance feeds a head)
-    augment_fraction: float = 0.5  # the share of each batch replaced by x0_hat images
+    augment: str = "none"  # none; x0: train also on the taps of x0_hat(x_t) (the inputs guidance feeds a head);
+    # adv: also on adversarial versions of the labelled images (PGD in pixel space through the feature pass)
+    augment_fraction: float = 0.5  # the share of each batch replaced by augmented images
+    adv_eps: float = 0.25  # --augment adv: the L2 radius of the perturbation, as RMS per pixel on the [-1, 1] scale
+    adv_steps: int = 3  # --augment adv: PGD steps per batch
     model: str | None = None  # the features' model, which --augment x0 runs (default: the shipped model)
     device: str = "cpu"  # where that model runs; the head trains on the CPU
     precision: str = "fp32"  # of that model's passes
 
 
-AUGMENTS = ("none", "x0")
-AUGMENT_FIELDS = ("augment", "augment_fraction", "model", "device", "precision")  # not recorded without --augment
+AUGMENTS = ("none", "x0", "adv")
+AUGMENT_FIELDS = ("augment", "augment_fraction", "adv_eps", "adv_steps", "model", "device",
+                  "precision")  # not recorded without --augment
 AUGMENT_T_MAX = 0.5  # t ~ U{0..0.5 T}: beyond it x0_hat of the shipped model loses the attribute (README)
 X0_EVAL_FRACTIONS = (0.25, 0.5, 0.75)  # val_accuracy_x0: x0_hat of the held-out images at these fractions of T
 
@@ -132,6 +137,10 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
         raise UserError(f"--augment-fraction must be in [0, 1], got {cfg.augment_fraction}")
     if cfg.augment != "none" and cfg.kind not in ("classifier", "segmentation"):
         raise UserError(f"--augment {cfg.augment} is for classifier and segmentation heads, not --kind {cfg.kind}")
+    if cfg.augment == "adv" and not (math.isfinite(cfg.adv_eps) and 0 < cfg.adv_eps <= 2):
+        raise UserError(f"--adv-eps must be in (0, 2], got {cfg.adv_eps}")
+    if cfg.augment == "adv" and not 1 <= cfg.adv_steps <= 100:
+        raise UserError(f"--adv-steps must be in 1..100, got {cfg.adv_steps}")
     feats = load_features(cfg.features)
     model = features_model(cfg, feats) if cfg.augment != "none" or cfg.model else None
     y, classes = _targets(feats, cfg.kind)
@@ -163,15 +172,24 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
         assert model is not None and spec is not None
         train_inputs = x0_augmented(batch_inputs, model, feats, spec, fraction=cfg.augment_fraction,
                                     normalize=normalize, precision=_precision(cfg, model), seed=cfg.seed)
+    elif cfg.augment == "adv":
+        assert model is not None and spec is not None
+        train_inputs = adversarial(batch_inputs, model, feats, spec, head.net, y, fraction=cfg.augment_fraction,
+                                   eps=cfg.adv_eps, steps=cfg.adv_steps, normalize=normalize,
+                                   precision=_precision(cfg, model), seed=cfg.seed)
     fit(head.net, train_inputs, y, train_idx, steps=steps, batch=cfg.batch, lr=cfg.lr,
         weight_decay=cfg.weight_decay, seed=cfg.seed, progress=progress)
 
-    # 2. held-out metric and temperature (on clean images; with --augment, also on x0_hat of them)
+    # 2. held-out metric and temperature (on clean images; with --augment, also on x0_hat of them and, for adv,
+    #    on the held-out images' own adversarial versions)
     head.eval()
     temperature, metrics = _held_out(head.net, batch_inputs, y, val_idx, len(classes))
-    if cfg.augment == "x0" and len(val_idx):
+    if cfg.augment != "none" and len(val_idx):
         assert model is not None
         metrics.update(x0_metrics(head, model, feats, _precision(cfg, model)))
+        if cfg.augment == "adv":
+            metrics.update(adv_metrics(head, model, feats, y, val_idx, eps=cfg.adv_eps, steps=cfg.adv_steps,
+                                       precision=_precision(cfg, model)))
     metrics.update({"train_images": len(train_idx), "val_images": len(val_idx)})
     head.cfg = replace(head.cfg, temperature=temperature, metrics=metrics)
     return save_head(cfg.out, head)
@@ -204,10 +222,14 @@ def _train_record(cfg: TrainHeadConfig, model: Model | None) -> dict:
     recorded (so such a head's file is what it was before --augment existed); with it, also the augmentation,
     its share, the precision of the model's passes and the range of t."""
     record = {k: v for k, v in asdict(cfg).items() if k not in AUGMENT_FIELDS}
-    if cfg.augment != "none":
+    if cfg.augment == "x0":
         assert model is not None
         record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction,
                       augment_t=[0, augment_t_max(model)], precision=_precision(cfg, model))
+    elif cfg.augment == "adv":
+        assert model is not None
+        record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction, adv_eps=cfg.adv_eps,
+                      adv_steps=cfg.adv_steps, precision=_precision(cfg, model))
     return record
 
 
@@ -238,15 +260,22 @@ def x0_hat(model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
     return eps_to_x0(x_t, t, eps, model.abar).clamp(-1, 1)
 
 
+def taps_input(model: Model, spec: FeatureSpec, images: torch.Tensor, idx: torch.Tensor, *, normalize: bool,
+               precision: str) -> torch.Tensor:
+    """The head's input (gathered taps, on the CPU) for ``images`` (N, C, H, W) in [-1, 1], the images ``idx``
+    of the features (their fixed T_f noise, if any, follows the index); differentiable in ``images``."""
+    with autocast(model.device, precision):
+        taps = compute(model, images, spec, idx.tolist())
+    return gather({k: v.float().cpu() for k, v in taps.items()}, spec.keys(), normalize)
+
+
 @torch.no_grad()
 def x0_hat_inputs(model: Model, feats: Features, spec: FeatureSpec, idx: torch.Tensor, t: torch.Tensor,
                   noise: torch.Tensor, *, normalize: bool, precision: str) -> torch.Tensor:
-    """The head's input (gathered taps, on the CPU) for x0_hat of the images ``idx`` of ``feats``."""
+    """The head's input for x0_hat of the images ``idx`` of ``feats``."""
     device = model.device
     images = x0_hat(model, _pixels(feats.images[idx], device), t.to(device), noise.to(device), precision)
-    with autocast(device, precision):
-        taps = compute(model, images, spec, idx.tolist())  # fixed T_f noise (if any) follows the image index
-    return gather({k: v.float().cpu() for k, v in taps.items()}, spec.keys(), normalize)
+    return taps_input(model, spec, images, idx, normalize=normalize, precision=precision)
 
 
 def x0_augmented(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Model, feats: Features,
@@ -295,6 +324,88 @@ def x0_metrics(head: Head, model: Model, feats: Features, precision: str = "fp32
         scores.append(miou(logits.argmax(1), target, len(classes)) if target.ndim == 3 else
                       float((logits.argmax(1) == target).float().mean()))
     return {("val_miou_x0" if y.ndim == 3 else "val_accuracy_x0"): sum(scores) / len(scores)}
+
+
+# ------------------------------------------------------------------------------- adversarial augmentation
+#
+# Guidance climbs the head's gradient. Where a small change of the image moves the head's answer without moving
+# its content, guidance takes that change and the head is fooled (Eq. 13 on the digits, README). --augment adv
+# trains on adversarial versions of the labelled images as well, with their own labels: projected gradient
+# ascent on the head's loss within an L2 ball in pixel space, through the feature pass guidance differentiates.
+# A head that keeps its answer within the ball has gradients that must change the image's content to change
+# its answer (the perceptually aligned gradients of robust classifiers, Santurkar et al. 2019, which Kawar et
+# al. 2022 guide with).
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    """Per-image L2 norms, shaped to broadcast over (N, C, H, W)."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
+
+
+def pgd(net: nn.Module, model: Model, spec: FeatureSpec, images: torch.Tensor, target: torch.Tensor,
+        idx: torch.Tensor, *, eps: float, steps: int, normalize: bool, precision: str) -> torch.Tensor:
+    """Images within L2 distance ``eps * sqrt(C * H * W)`` of ``images`` (in [-1, 1]) that raise ``net``'s
+    cross-entropy on ``target``: ``steps`` steps of 2.5 radius / steps along the normalised gradient, each
+    projected back onto the ball and into [-1, 1]. The start is the image itself, so the result is a function
+    of the head, the images and their features' noise."""
+    radius = eps * math.sqrt(images[0].numel())
+    alpha = 2.5 * radius / steps
+    delta = torch.zeros_like(images)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            inputs = taps_input(model, spec, images + delta, idx, normalize=normalize, precision=precision)
+            loss = F.cross_entropy(net(inputs), target, reduction="sum")
+            (g,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = delta + alpha * g / _norms(g).clamp(min=1e-12)
+            delta = delta * (radius / _norms(delta).clamp(min=1e-12)).clamp(max=1)
+            delta = (images + delta).clamp(-1, 1) - images
+    return (images + delta).detach()
+
+
+def adversarial(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Model, feats: Features,
+                spec: FeatureSpec, net: nn.Module, y: torch.Tensor, *, fraction: float, eps: float, steps: int,
+                normalize: bool, precision: str, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``batch_inputs`` with ``round(fraction * batch)`` of each batch's images (drawn anew every batch from a
+    generator of ``seed``) replaced by the inputs of their :func:`pgd` versions against ``net`` as it is at that
+    step."""
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "adversarial"))
+
+    def inputs(idx: torch.Tensor) -> torch.Tensor:
+        x = batch_inputs(idx).clone()
+        k = int(round(fraction * len(idx)))
+        if k == 0:
+            return x
+        pick = torch.randperm(len(idx), generator=gen)[:k]
+        sub = idx[pick]
+        images = pgd(net, model, spec, _pixels(feats.images[sub], model.device), y[sub], sub, eps=eps,
+                     steps=steps, normalize=normalize, precision=precision)
+        with torch.no_grad():
+            x[pick] = taps_input(model, spec, images, sub, normalize=normalize, precision=precision)
+        return x
+
+    return inputs
+
+
+def adv_metrics(head: Head, model: Model, feats: Features, y: torch.Tensor, val_idx: torch.Tensor, *, eps: float,
+                steps: int, precision: str = "fp32") -> dict[str, float]:
+    """``val_accuracy_adv`` (``val_miou_adv`` for masks): the held-out score on :func:`pgd` versions of the
+    held-out images against the finished head, with the radius and steps it was trained with."""
+    assert head.spec is not None
+    preds, targets = [], []
+    for i in range(0, len(val_idx), 64):
+        idx = val_idx[i:i + 64]
+        images = pgd(head.net, model, head.spec, _pixels(feats.images[idx], model.device), y[idx], idx, eps=eps,
+                     steps=steps, normalize=head.cfg.normalize, precision=precision)
+        with torch.no_grad():
+            preds.append(head.net(taps_input(model, head.spec, images, idx, normalize=head.cfg.normalize,
+                                             precision=precision)).argmax(1))
+        targets.append(y[idx])
+    pred, target = torch.cat(preds), torch.cat(targets)
+    if target.ndim == 3:
+        return {"val_miou_adv": miou(pred, target, len(head.cfg.classes))}
+    return {"val_accuracy_adv": float((pred == target).float().mean())}
 
 
 @torch.no_grad()
