@@ -79,18 +79,18 @@ def write_folder(folder: Path, images: np.ndarray) -> None:
             Image.fromarray(im, "L").save(path)
 
 
-def head_name(augment: str, fraction: float = 0.5, head_seed: int = 0, eps: float = 0.25) -> str:
+def head_name(augment: str, fraction: float = 0.5, head_seed: int = 0, eps: float = 0.25, adv_steps: int = 3) -> str:
     """The rows' "head" key: ``none`` / ``x0`` for the first heads measured (seed 0, fraction 0.5), else with both;
-    ``adv-e{eps}-f{fraction}-s{seed}`` for adversarially trained heads."""
+    ``adv-e{eps}[-k{adv_steps}]-f{fraction}-s{seed}`` for adversarially trained heads."""
     if augment == "adv":
-        return f"adv-e{eps}-f{fraction}-s{head_seed}"
+        return f"adv-e{eps}{'' if adv_steps == 3 else f'-k{adv_steps}'}-f{fraction}-s{head_seed}"
     if head_seed == 0 and (augment == "none" or fraction == 0.5):
         return augment
     return f"{augment}-f{fraction}-s{head_seed}" if augment != "none" else f"none-s{head_seed}"
 
 
 def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5,
-            head_seed: int = 0, eps: float = 0.25) -> tuple[Path, Path, object, np.ndarray]:
+            head_seed: int = 0, eps: float = 0.25, adv_steps: int = 3) -> tuple[Path, Path, object, np.ndarray]:
     """The model, the head, the judge and the real 3s' features' source images."""
     images, labels = digits()
     write_folder(work / "train", images[:TRAIN])
@@ -112,7 +112,7 @@ def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5
     accuracy = float((judge.predict(pooled(images[TRAIN:])) == labels[TRAIN:]).mean())
     print(f"judge (RBF SVM on {TRAIN} real digits): {accuracy:.3f} on {len(labels) - TRAIN} held-out real digits")
 
-    name = head_name(augment, fraction, head_seed, eps)
+    name = head_name(augment, fraction, head_seed, eps, adv_steps)
     head = work / ("is3.head.safetensors" if name == "none" else f"is3-{name}.head.safetensors")
     if not head.exists():
         pos = [i for i in range(TRAIN) if labels[i] == TARGET][:50]
@@ -127,7 +127,7 @@ def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5
             extract(ExtractConfig(data=str(work / "train"), out=str(feats), model=str(model), labels=str(table),
                                   label="is_3", device="cpu"))
         train_head(TrainHeadConfig(features=str(feats), out=str(head), seed=head_seed, augment=augment,
-                                   augment_fraction=fraction, adv_eps=eps,
+                                   augment_fraction=fraction, adv_eps=eps, adv_steps=adv_steps,
                                    model=str(model) if augment != "none" else None))
     return model, head, judge, images[:TRAIN][labels[:TRAIN] == TARGET]
 
@@ -182,18 +182,22 @@ def summary(paths: list[Path], n: int) -> None:
     per_head: dict[tuple[str, str, str], list[dict]] = {}
     for (head, method, _, _), r in rows.items():
         per_head.setdefault((head_family(head), method, head), []).append(r)
-    groups: dict[tuple[str, str], list[tuple[float, float | None, int]]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
     for (family, method, _), rs in sorted(per_head.items()):
         fooled = [r["fooling_rate"] for r in rs if r["fooling_rate"] is not None]
         groups.setdefault((family, method), []).append(
-            (float(np.mean([r["share"] for r in rs])), float(np.mean(fooled)) if fooled else None, len(rs)))
-    print(f"{'head setting':22s} {'method':28s} {'heads':>5s} {'share of 3s':>13s} {'fooled (min-max)':>20s} seeds")
+            {"share": float(np.mean([r["share"] for r in rs])), "fooled": float(np.mean(fooled)) if fooled else None,
+             "fd": float(np.mean([r["fd_to_real_3s"] for r in rs])),
+             "s": float(np.mean([r["seconds_per_image"] for r in rs])), "seeds": len(rs)})
+    print(f"{'head setting':16s} {'method':28s} {'heads':>5s} {'share of 3s':>13s} {'fooled (min-max)':>19s} "
+          f"{'FD':>5s} {'s/img':>5s} seeds")
     for (family, method), heads in groups.items():
-        shares = np.array([h[0] for h in heads])
-        fooled = [h[1] for h in heads if h[1] is not None]
+        shares = np.array([h["share"] for h in heads])
+        fooled = [h["fooled"] for h in heads if h["fooled"] is not None]
         f = f"{np.mean(fooled):.3f} ({min(fooled):.2f}-{max(fooled):.2f})" if fooled else "-"
-        print(f"{family:22s} {method:28s} {len(heads):5d} {shares.mean():.3f} ± {shares.std():.3f} {f:>20s} "
-              f"{'/'.join(str(h[2]) for h in heads)}")
+        print(f"{family:16s} {method:28s} {len(heads):5d} {shares.mean():.3f} ± {shares.std():.3f} {f:>19s} "
+              f"{np.mean([h['fd'] for h in heads]):5.2f} {np.mean([h['s'] for h in heads]):5.2f} "
+              f"{'/'.join(str(h['seeds']) for h in heads)}")
 
 
 def main() -> None:
@@ -212,6 +216,7 @@ def main() -> None:
                          "also on adversarial versions of them)")
     ap.add_argument("--augment-fraction", type=float, default=0.5, help="the head's train-head --augment-fraction")
     ap.add_argument("--adv-eps", type=float, default=0.25, help="the head's train-head --adv-eps (--augment adv)")
+    ap.add_argument("--adv-steps", type=int, default=3, help="the head's train-head --adv-steps (--augment adv)")
     ap.add_argument("--head-seed", type=int, default=0, help="the head's train-head --seed")
     ap.add_argument("--work", type=Path, default=Path("runs/digits"))
     ap.add_argument("--out", type=Path, default=Path("runs/digits.json"))
@@ -223,8 +228,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     model, head, judge, real = prepare(args.work, args.train_steps, args.augment, args.augment_fraction,
-                                       args.head_seed, args.adv_eps)
-    name = head_name(args.augment, args.augment_fraction, args.head_seed, args.adv_eps)
+                                       args.head_seed, args.adv_eps, args.adv_steps)
+    name = head_name(args.augment, args.augment_fraction, args.head_seed, args.adv_eps, args.adv_steps)
     extractor = DenoiserFeatures(load_model(str(model)), "cpu")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for seed in args.seeds:
