@@ -132,21 +132,27 @@ def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5
     return model, head, judge, images[:TRAIN][labels[:TRAIN] == TARGET]
 
 
-def measure(model: Path, head: Path, judge, method: str, seed: int, n: int, steps: int, batch: int,
+def measure(model: Path, heads: list[Path], judge, method: str, seed: int, n: int, steps: int, batch: int,
             real: np.ndarray, extractor: DenoiserFeatures) -> dict:
+    """One method and seed. With several heads (an ensemble) all of them guide, lambda is shared out among them
+    (their mean log-likelihood is pushed as hard as one head's), and a sample is confident when the heads' mean
+    probability is."""
     options = dict(METHODS[method])
+    if len(heads) > 1 and "lam" in options:
+        options["lam"] = options["lam"] / len(heads)
     guided = method != "unguided"
     with tempfile.TemporaryDirectory() as tmp, Counter() as count:
         start = time.perf_counter()
         cfg = SampleConfig(out=str(Path(tmp) / "s"), model=str(model), n=n, steps=steps, sampler="ddim",
                            seed=1000 * seed,
-                           batch=batch, device="cpu", precision="auto", guides=[str(head)] if guided else [],
-                           **options)
+                           batch=batch, device="cpu", precision="auto", guides=[str(h) for h in heads] if guided
+                           else [], **options)
         sample(cfg)
         wall = time.perf_counter() - start
         rows = read_samples(Path(tmp) / "s")
         images = np.stack([load_image(r.path, channels=1)[..., 0] for r in rows])
-        head_p = [float(r.values["head_prob"]) for r in rows] if guided else []
+        keys = ["head_prob"] + [f"head_prob_{k + 1}" for k in range(1, len(heads))]
+        head_p = [float(np.mean([float(r.values[k]) for k in keys])) for r in rows] if guided else []
     said = judge.predict(pooled(images))
     confident = [p >= 0.9 for p in head_p]
     fooled = sum(1 for c, s in zip(confident, said) if c and s != TARGET)
@@ -218,6 +224,8 @@ def main() -> None:
     ap.add_argument("--adv-eps", type=float, default=0.25, help="the head's train-head --adv-eps (--augment adv)")
     ap.add_argument("--adv-steps", type=int, default=3, help="the head's train-head --adv-steps (--augment adv)")
     ap.add_argument("--head-seed", type=int, default=0, help="the head's train-head --seed")
+    ap.add_argument("--ensemble", nargs="+", type=int, metavar="SEED",
+                    help="guide with the heads of these seeds together (lambda shared out among them)")
     ap.add_argument("--work", type=Path, default=Path("runs/digits"))
     ap.add_argument("--out", type=Path, default=Path("runs/digits.json"))
     ap.add_argument("--summary", nargs="+", type=Path, metavar="JSON",
@@ -227,9 +235,14 @@ def main() -> None:
         return summary(args.summary, args.n)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    model, head, judge, real = prepare(args.work, args.train_steps, args.augment, args.augment_fraction,
-                                       args.head_seed, args.adv_eps, args.adv_steps)
+    heads = []
+    for head_seed in args.ensemble or [args.head_seed]:
+        model, head, judge, real = prepare(args.work, args.train_steps, args.augment, args.augment_fraction,
+                                           head_seed, args.adv_eps, args.adv_steps)
+        heads.append(head)
     name = head_name(args.augment, args.augment_fraction, args.head_seed, args.adv_eps, args.adv_steps)
+    if args.ensemble:
+        name = re.sub(r"-s\d+$", "", name) + "-ens" + "+".join(map(str, args.ensemble))
     extractor = DenoiserFeatures(load_model(str(model)), "cpu")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for seed in args.seeds:
@@ -237,7 +250,7 @@ def main() -> None:
             key = {"method": method, "seed": seed, "n": args.n, "steps": args.steps, "head": name}
             if any(all(r.get(k, "none") == v for k, v in key.items()) for r in rows):
                 continue
-            row = {**measure(model, head, judge, method, seed, args.n, args.steps, args.batch, real, extractor),
+            row = {**measure(model, heads, judge, method, seed, args.n, args.steps, args.batch, real, extractor),
                    "head": name}
             rows.append(row)
             args.out.write_text(json.dumps(rows, indent=1))
