@@ -7,7 +7,8 @@ samples), the share of valid images, and the cost per image (U-Net forwards, fea
 counted by hooks; wall time), mean and spread over seeds. The head never judges.
 
     python benchmarks/mask_guidance.py --seeds 0 1 2 --n 16 --threads 1
-Rows are appended to --out as they are measured; a rerun skips them.
+Rows are appended to --out as they are measured; a rerun skips them. `--augment adv` measures heads trained with
+`train-head --augment adv` instead.
 """
 
 from __future__ import annotations
@@ -53,19 +54,27 @@ METHODS = {
 }
 
 
-def head_and_targets(work: Path, seed: int) -> tuple[Path, list[Path]]:
+def head_name(augment: str, eps: float) -> str:
+    """The rows' "head" key: ``none`` for the plain heads, ``adv-e{eps}`` for `train-head --augment adv` ones."""
+    return "none" if augment == "none" else f"adv-e{eps}"
+
+
+def head_and_targets(work: Path, seed: int, augment: str = "none", eps: float = 0.25) -> tuple[Path, list[Path]]:
     pool = work / f"pool-s{seed}"
     if not (pool / "dataset.json").exists():
         generate(pool, ShapesConfig(n=200, size=32, seed=seed, split="val"))
-    head = work / f"seg-s{seed}.safetensors"
+    name = head_name(augment, eps)
+    head = work / (f"seg-s{seed}.safetensors" if name == "none" else f"seg-s{seed}-{name}.safetensors")
     if not head.exists():
         train_dir = work / f"train-s{seed}"
         train_dir.mkdir(parents=True, exist_ok=True)
         for f in sorted((pool / "images").rglob("*.png"))[:20]:
             shutil.copyfile(f, train_dir / f.name)
-        feats = extract(ExtractConfig(data=str(train_dir), out=str(work / "f.safetensors"), blocks=("out.5", "out.8"),
-                                      timesteps=(500,), masks=str(pool / "masks"), device="cpu"))
-        train_head(TrainHeadConfig(str(feats), str(head), kind="segmentation", seed=seed))
+        feats = extract(ExtractConfig(data=str(train_dir), out=str(work / f"f-s{seed}-{name}.safetensors"),
+                                      blocks=("out.5", "out.8"), timesteps=(500,), masks=str(pool / "masks"),
+                                      device="cpu"))
+        train_head(TrainHeadConfig(str(feats), str(head), kind="segmentation", seed=seed, augment=augment,
+                                   adv_eps=eps))
         Path(feats).unlink()
     return head, sorted((pool / "masks").glob("*.png"))[100:104]
 
@@ -104,23 +113,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("runs/masks"))
     ap.add_argument("--out", type=Path, default=Path("runs/masks.json"))
+    ap.add_argument("--augment", default="none", choices=("none", "adv"), help="the heads' train-head --augment")
+    ap.add_argument("--adv-eps", type=float, default=0.25, help="their --adv-eps (--augment adv)")
     args = ap.parse_args()
+    name = head_name(args.augment, args.adv_eps)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for seed in args.seeds:
-        head, targets = head_and_targets(args.work, seed)
+        head, targets = head_and_targets(args.work, seed, args.augment, args.adv_eps)
         for method in args.methods:
-            key = {"method": method, "seed": seed, "steps": args.steps}
-            if any(all(r.get(k) == v for k, v in key.items()) and r["n"] == 4 * args.n for r in rows):
+            key = {"method": method, "seed": seed, "steps": args.steps, "head": name}
+            if any(all(r.get(k, "none") == v for k, v in key.items()) and r["n"] == 4 * args.n for r in rows):
                 continue
-            row = measure(head, targets, method, seed, args.n, args.steps)
+            row = {**measure(head, targets, method, seed, args.n, args.steps), "head": name}
             rows.append(row)
             args.out.write_text(json.dumps(rows, indent=1))
             print(json.dumps(row), flush=True)
     print(f"\n{'method':11s} {'mIoU':>13s} {'valid':>6s} {'fwd':>5s} {'feat':>5s} {'bwd':>5s} {'s/img':>6s}")
     for method in args.methods:
-        rs = [r for r in rows if r["method"] == method and r["n"] == 4 * args.n]
+        rs = [r for r in rows if r["method"] == method and r["n"] == 4 * args.n and r.get("head", "none") == name]
         if rs:
             m = np.array([r["miou"] for r in rs])
             mean = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731

@@ -48,7 +48,7 @@ class TrainHeadConfig:
     augment_fraction: float = 0.5  # the share of each batch replaced by augmented images
     adv_eps: float = 0.25  # --augment adv: the L2 radius of the perturbation, as RMS per pixel on the [-1, 1] scale
     adv_steps: int = 3  # --augment adv: PGD steps per batch
-    model: str | None = None  # the features' model, which --augment x0 runs (default: the shipped model)
+    model: str | None = None  # the features' model, which --augment runs (default: the shipped model)
     device: str = "cpu"  # where that model runs; the head trains on the CPU
     precision: str = "fp32"  # of that model's passes
 
@@ -220,7 +220,7 @@ def _precision(cfg: TrainHeadConfig, model: Model) -> str:
 def _train_record(cfg: TrainHeadConfig, model: Model | None) -> dict:
     """The training settings a head records. Without augmentation they are the fields heads have always
     recorded (so such a head's file is what it was before --augment existed); with it, also the augmentation,
-    its share, the precision of the model's passes and the range of t."""
+    its share and the precision of the model's passes, with the range of t (x0) or the radius and steps (adv)."""
     record = {k: v for k, v in asdict(cfg).items() if k not in AUGMENT_FIELDS}
     if cfg.augment == "x0":
         assert model is not None
