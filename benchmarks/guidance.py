@@ -201,7 +201,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("runs/guidance"))
     ap.add_argument("--out", type=Path, default=Path("runs/guidance.json"))
+    ap.add_argument("--summary", nargs="+", type=Path, metavar="JSON",
+                    help="measure nothing: the table over every seed of these files' rows (a row measured twice "
+                         "counts once) for --attributes, --methods, --n, --steps and --sampler")
     args = ap.parse_args()
+    if args.summary:
+        merged: dict[tuple, dict] = {}
+        for path in args.summary:
+            for r in json.loads(path.read_text()):
+                merged.setdefault((r["attribute"], r["method"], r["seed"], r["n"], r["steps"],
+                                   r.get("sampler", "ddim")), r)
+        return summarise([r for (a, m, _, n, steps, sampler), r in merged.items() if a in args.attributes
+                          and m in args.methods and n == args.n and steps == args.steps and sampler == args.sampler])
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
