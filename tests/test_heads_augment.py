@@ -63,18 +63,32 @@ def test_augment_none_gives_the_head_it_always_gave(feats, tmp_path, tiny_model_
         assert "augment" not in artifacts.load(out, "head").config["train"]
 
 
+# augmentation -> (its options, the training record it must write, keys that record must lack, its metric)
+AUGMENTED = {
+    "x0": ((), {"augment": "x0", "augment_fraction": 0.5, "augment_t": [0, 500], "precision": "fp32"},
+           ("adv_eps", "adv_steps"), "x0"),
+    "adv": (("--adv-eps", 0.2, "--adv-steps", 2),
+            {"augment": "adv", "augment_fraction": 0.5, "adv_eps": 0.2, "adv_steps": 2, "precision": "fp32"},
+            ("augment_t",), "adv"),
+}
+
+
+@pytest.mark.parametrize("augment", list(AUGMENTED))
 @pytest.mark.parametrize("kind", ["classifier", "segmentation"])
-def test_augment_x0_trains_records_and_repeats(feats, tmp_path, tiny_model_path, kind):
-    args = ("--kind", kind, "--augment", "x0", "--model", tiny_model_path, "--device", "cpu", "--precision", "fp32")
+def test_augment_trains_records_and_repeats(feats, tmp_path, tiny_model_path, kind, augment):
+    extra, record, absent, metric = AUGMENTED[augment]
+    args = ("--kind", kind, "--augment", augment, *extra, "--model", tiny_model_path, "--device", "cpu",
+            "--precision", "fp32")
     a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
     expect_ok(train(feats[kind], a, *args))
     expect_ok(train(feats[kind], b, *args))
     expect_ok(train(feats[kind], c, *args, "--seed", 1))
     art = artifacts.load(a, "head")
     t = art.config["train"]
-    assert (t["augment"], t["augment_fraction"], t["augment_t"], t["precision"]) == ("x0", 0.5, [0, 500], "fp32")
-    metric = "val_miou_x0" if kind == "segmentation" else "val_accuracy_x0"
-    assert 0 <= art.config["metrics"][metric] <= 1
+    assert {k: t[k] for k in record} == record
+    assert not any(k in t for k in absent)
+    name = f"val_miou_{metric}" if kind == "segmentation" else f"val_accuracy_{metric}"
+    assert 0 <= art.config["metrics"][name] <= 1
     assert head_digest(a) == head_digest(b)  # one seed, one head
     assert head_digest(a) != head_digest(c)
     none = tmp_path / "none.safetensors"
@@ -138,28 +152,6 @@ def test_help_shows_the_augment_options():
     text = CliRunner().invoke(app, ["train-head", "--help"], env={"COLUMNS": "2000"}).output
     assert "--augment-fraction" in text and "[range: in [0, 1]]" in text and "--augment " in text
 
-
-@pytest.mark.parametrize("kind", ["classifier", "segmentation"])
-def test_augment_adv_trains_records_and_repeats(feats, tmp_path, tiny_model_path, kind):
-    args = ("--kind", kind, "--augment", "adv", "--adv-eps", 0.2, "--adv-steps", 2, "--model", tiny_model_path,
-            "--device", "cpu", "--precision", "fp32")
-    a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
-    expect_ok(train(feats[kind], a, *args))
-    expect_ok(train(feats[kind], b, *args))
-    expect_ok(train(feats[kind], c, *args, "--seed", 1))
-    art = artifacts.load(a, "head")
-    t = art.config["train"]
-    assert (t["augment"], t["augment_fraction"], t["adv_eps"], t["adv_steps"], t["precision"]) == (
-        "adv", 0.5, 0.2, 2, "fp32")
-    assert "augment_t" not in t
-    metric = "val_miou_adv" if kind == "segmentation" else "val_accuracy_adv"
-    assert 0 <= art.config["metrics"][metric] <= 1
-    assert head_digest(a) == head_digest(b)
-    assert head_digest(a) != head_digest(c)
-    none = tmp_path / "none.safetensors"
-    expect_ok(train(feats[kind], none, "--kind", kind))
-    weights = artifacts.load(none, "head").tensors
-    assert any(not torch.equal(weights[k], art.tensors[k]) for k in weights)
 
 
 def test_pgd_stays_in_the_ball_and_raises_the_loss(feats, tmp_path, tiny_model_path):

@@ -278,13 +278,10 @@ def x0_hat_inputs(model: Model, feats: Features, spec: FeatureSpec, idx: torch.T
     return taps_input(model, spec, images, idx, normalize=normalize, precision=precision)
 
 
-def x0_augmented(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Model, feats: Features,
-                 spec: FeatureSpec, *, fraction: float, normalize: bool, precision: str,
-                 seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``batch_inputs`` with ``round(fraction * batch)`` of each batch's images (drawn anew every batch)
-    replaced by the inputs of their x0_hat at t ~ U{0..augment_t_max}; every draw from one generator of ``seed``."""
-    gen = torch.Generator().manual_seed(_derived_seed(seed, "augment"))
-    size, t_max = feats.meta.image_size, augment_t_max(model)
+def replacing_share(batch_inputs: Callable[[torch.Tensor], torch.Tensor], fraction: float, gen: torch.Generator,
+                    replace_with: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``batch_inputs`` with ``round(fraction * batch)`` of each batch's images, drawn anew every batch from
+    ``gen``, replaced by ``replace_with(their indices)`` (which may draw from ``gen`` too, after the pick)."""
 
     def inputs(idx: torch.Tensor) -> torch.Tensor:
         x = batch_inputs(idx).clone()
@@ -292,12 +289,26 @@ def x0_augmented(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Mo
         if k == 0:
             return x
         pick = torch.randperm(len(idx), generator=gen)[:k]
-        t = torch.randint(0, t_max + 1, (k,), generator=gen)
-        noise = torch.randn((k, feats.images.shape[3], size, size), generator=gen)
-        x[pick] = x0_hat_inputs(model, feats, spec, idx[pick], t, noise, normalize=normalize, precision=precision)
+        x[pick] = replace_with(idx[pick])
         return x
 
     return inputs
+
+
+def x0_augmented(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Model, feats: Features,
+                 spec: FeatureSpec, *, fraction: float, normalize: bool, precision: str,
+                 seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`replacing_share` with the inputs of the images' x0_hat at t ~ U{0..augment_t_max}; every draw from
+    one generator of ``seed``."""
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "augment"))
+    size, t_max = feats.meta.image_size, augment_t_max(model)
+
+    def x0_hats(sub: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, t_max + 1, (len(sub),), generator=gen)
+        noise = torch.randn((len(sub), feats.images.shape[3], size, size), generator=gen)
+        return x0_hat_inputs(model, feats, spec, sub, t, noise, normalize=normalize, precision=precision)
+
+    return replacing_share(batch_inputs, fraction, gen, x0_hats)
 
 
 @torch.no_grad()
@@ -367,25 +378,17 @@ def pgd(net: nn.Module, model: Model, spec: FeatureSpec, images: torch.Tensor, t
 def adversarial(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Model, feats: Features,
                 spec: FeatureSpec, net: nn.Module, y: torch.Tensor, *, fraction: float, eps: float, steps: int,
                 normalize: bool, precision: str, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``batch_inputs`` with ``round(fraction * batch)`` of each batch's images (drawn anew every batch from a
-    generator of ``seed``) replaced by the inputs of their :func:`pgd` versions against ``net`` as it is at that
-    step."""
-    gen = torch.Generator().manual_seed(_derived_seed(seed, "adversarial"))
+    """:func:`replacing_share` (its picks from a generator of ``seed``) with the inputs of the images' :func:`pgd`
+    versions against ``net`` as it is at that step."""
 
-    def inputs(idx: torch.Tensor) -> torch.Tensor:
-        x = batch_inputs(idx).clone()
-        k = int(round(fraction * len(idx)))
-        if k == 0:
-            return x
-        pick = torch.randperm(len(idx), generator=gen)[:k]
-        sub = idx[pick]
+    def attacked(sub: torch.Tensor) -> torch.Tensor:
         images = pgd(net, model, spec, _pixels(feats.images[sub], model.device), y[sub], sub, eps=eps,
                      steps=steps, normalize=normalize, precision=precision)
         with torch.no_grad():
-            x[pick] = taps_input(model, spec, images, sub, normalize=normalize, precision=precision)
-        return x
+            return taps_input(model, spec, images, sub, normalize=normalize, precision=precision)
 
-    return inputs
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "adversarial"))
+    return replacing_share(batch_inputs, fraction, gen, attacked)
 
 
 def adv_metrics(head: Head, model: Model, feats: Features, y: torch.Tensor, val_idx: torch.Tensor, *, eps: float,
