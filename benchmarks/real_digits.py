@@ -89,9 +89,9 @@ def head_name(augment: str, fraction: float = 0.5, head_seed: int = 0, eps: floa
     return f"{augment}-f{fraction}-s{head_seed}" if augment != "none" else f"none-s{head_seed}"
 
 
-def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5,
-            head_seed: int = 0, eps: float = 0.25, adv_steps: int = 3) -> tuple[Path, Path, object, np.ndarray]:
-    """The model, the head, the judge and the real 3s' features' source images."""
+def prepare(work: Path, steps: int) -> tuple[Path, object, np.ndarray, np.ndarray]:
+    """The model (trained here on the first run), the judge, the real 3s (the FD's reference) and the training
+    digits' labels."""
     images, labels = digits()
     write_folder(work / "train", images[:TRAIN])
     model = work / "digits16.safetensors"
@@ -111,7 +111,12 @@ def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5
     judge = SVC(gamma=0.001, C=10).fit(pooled(images[:TRAIN]), labels[:TRAIN])
     accuracy = float((judge.predict(pooled(images[TRAIN:])) == labels[TRAIN:]).mean())
     print(f"judge (RBF SVM on {TRAIN} real digits): {accuracy:.3f} on {len(labels) - TRAIN} held-out real digits")
+    return model, judge, images[:TRAIN][labels[:TRAIN] == TARGET], labels[:TRAIN]
 
+
+def head_for(work: Path, model: Path, labels: np.ndarray, augment: str = "none", fraction: float = 0.5,
+             head_seed: int = 0, eps: float = 0.25, adv_steps: int = 3) -> Path:
+    """The "is a 3" head of these train-head settings, trained (and its time printed) on first use."""
     name = head_name(augment, fraction, head_seed, eps, adv_steps)
     head = work / ("is3.head.safetensors" if name == "none" else f"is3-{name}.head.safetensors")
     if not head.exists():
@@ -126,10 +131,12 @@ def prepare(work: Path, steps: int, augment: str = "none", fraction: float = 0.5
         if not feats.exists():
             extract(ExtractConfig(data=str(work / "train"), out=str(feats), model=str(model), labels=str(table),
                                   label="is_3", device="cpu"))
+        start = time.perf_counter()
         train_head(TrainHeadConfig(features=str(feats), out=str(head), seed=head_seed, augment=augment,
                                    augment_fraction=fraction, adv_eps=eps, adv_steps=adv_steps,
                                    model=str(model) if augment != "none" else None))
-    return model, head, judge, images[:TRAIN][labels[:TRAIN] == TARGET]
+        print(f"head {name}: train-head took {time.perf_counter() - start:.0f} s", flush=True)
+    return head
 
 
 def measure(model: Path, heads: list[Path], judge, method: str, seed: int, n: int, steps: int, batch: int,
@@ -235,11 +242,9 @@ def main() -> None:
         return summary(args.summary, args.n)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    heads = []
-    for head_seed in args.ensemble or [args.head_seed]:
-        model, head, judge, real = prepare(args.work, args.train_steps, args.augment, args.augment_fraction,
-                                           head_seed, args.adv_eps, args.adv_steps)
-        heads.append(head)
+    model, judge, real, labels = prepare(args.work, args.train_steps)
+    heads = [head_for(args.work, model, labels, args.augment, args.augment_fraction, head_seed, args.adv_eps,
+                      args.adv_steps) for head_seed in args.ensemble or [args.head_seed]]
     name = head_name(args.augment, args.augment_fraction, args.head_seed, args.adv_eps, args.adv_steps)
     if args.ensemble:
         name = re.sub(r"-s\d+$", "", name) + "-ens" + "+".join(map(str, args.ensemble))
