@@ -93,6 +93,15 @@ METHODS = {
                                     "guide_every": 2},
     "prune-3+eq13-every2-lambda4": {"search": "prune", "candidates": 3, "lam": 4.0, "guide_grad": "x0",
                                     "guide_every": 2},
+    # Eq. 13 only on the noisy half (t >= 500), where it lifts has_circle (eq13-x0-w999-500 vs -w500-0)
+    "prune-3+eq13-w500-lambda3": {"search": "prune", "candidates": 3, "lam": 3.0, "guide_grad": "x0",
+                                  "guide_window": (999, 500)},
+    "prune-3+eq13-w500-every2-lambda4": {"search": "prune", "candidates": 3, "lam": 4.0, "guide_grad": "x0",
+                                         "guide_window": (999, 500), "guide_every": 2},
+    "prune-4+eq13-every3-lambda3": {"search": "prune", "candidates": 4, "lam": 3.0, "guide_grad": "x0",
+                                    "guide_every": 3},
+    "prune-3+eq13-every3-lambda4": {"search": "prune", "candidates": 3, "lam": 4.0, "guide_grad": "x0",
+                                    "guide_every": 3},
     "eq13-x0-every2": {"lam": 3.0, "guide_grad": "x0", "guide_every": 2, "guide_window": (999, 0)},
     "eq13-x0-w999-500": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 500)},  # the noisy half only
     "eq13-x0-w999-200": {"lam": 3.0, "guide_grad": "x0", "guide_window": (999, 200)},  # sample's default window

@@ -17,7 +17,7 @@ functions the commands run:
 
     python benchmarks/real_digits.py --seeds 0 1 2 --n 64 --threads 1
 Rows are appended to --out as they are measured; a rerun skips them (and resumes a stopped training run).
-`--head-seed S` and `--augment x0|adv` measure other heads; `--summary runs/digits.json ...` prints the means
+`--head-seed S` and `--augment x0|adv|x0-adv` measure other heads; `--summary runs/digits.json ...` prints the means
 over the heads of each setting.
 """
 
@@ -81,9 +81,10 @@ def write_folder(folder: Path, images: np.ndarray) -> None:
 
 def head_name(augment: str, fraction: float = 0.5, head_seed: int = 0, eps: float = 0.25, adv_steps: int = 3) -> str:
     """The rows' "head" key: ``none`` / ``x0`` for the first heads measured (seed 0, fraction 0.5), else with both;
-    ``adv-e{eps}[-k{adv_steps}]-f{fraction}-s{seed}`` for adversarially trained heads."""
-    if augment == "adv":
-        return f"adv-e{eps}{'' if adv_steps == 3 else f'-k{adv_steps}'}-f{fraction}-s{head_seed}"
+    ``adv-e{eps}[-k{adv_steps}]-f{fraction}-s{seed}`` for adversarially trained heads (``x0-adv-...`` for those
+    attacked from x0_hat)."""
+    if augment in ("adv", "x0-adv"):
+        return f"{augment}-e{eps}{'' if adv_steps == 3 else f'-k{adv_steps}'}-f{fraction}-s{head_seed}"
     if head_seed == 0 and (augment == "none" or fraction == 0.5):
         return augment
     return f"{augment}-f{fraction}-s{head_seed}" if augment != "none" else f"none-s{head_seed}"
@@ -224,9 +225,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--augment", default="none", choices=("none", "x0", "adv"),
+    ap.add_argument("--augment", default="none", choices=("none", "x0", "adv", "x0-adv"),
                     help="the head's train-head --augment (x0: trained also on x0_hat of the labelled digits; adv: "
-                         "also on adversarial versions of them)")
+                         "also on adversarial versions of them; x0-adv: on adversarial versions of their x0_hat)")
     ap.add_argument("--augment-fraction", type=float, default=0.5, help="the head's train-head --augment-fraction")
     ap.add_argument("--adv-eps", type=float, default=0.25, help="the head's train-head --adv-eps (--augment adv)")
     ap.add_argument("--adv-steps", type=int, default=3, help="the head's train-head --adv-steps (--augment adv)")

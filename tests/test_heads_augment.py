@@ -1,5 +1,6 @@
 """`train-head --augment x0`: heads trained also on the taps of x0_hat(x_t), the inputs guidance feeds them;
-`--augment adv`: also on adversarial versions of the labelled images (PGD through the feature pass).
+`--augment adv`: also on adversarial versions of the labelled images (PGD through the feature pass); `--augment
+x0-adv`: on adversarial versions of their x0_hat.
 
 `--augment none` (the default) must give the head it always gave: the digests below cover the weights, the
 config (the two paths left out) and the fingerprint of heads written by train-head before --augment existed
@@ -70,6 +71,9 @@ AUGMENTED = {
     "adv": (("--adv-eps", 0.2, "--adv-steps", 2),
             {"augment": "adv", "augment_fraction": 0.5, "adv_eps": 0.2, "adv_steps": 2, "precision": "fp32"},
             ("augment_t",), "adv"),
+    "x0-adv": (("--adv-steps", 2),
+               {"augment": "x0-adv", "augment_fraction": 0.5, "augment_t": [0, 500], "adv_eps": 0.25, "adv_steps": 2,
+                "precision": "fp32"}, (), "adv"),
 }
 
 
@@ -128,7 +132,7 @@ def test_a_model_other_than_the_features_is_refused(feats, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("--augment", "foo"), "--augment: unknown augmentation 'foo' (choose from none, x0, adv)"),
+    (("--augment", "foo"), "--augment: unknown augmentation 'foo' (choose from none, x0, adv, x0-adv)"),
     (("--augment", "x0", "--augment-fraction", 1.5), "--augment-fraction must be in [0, 1], got 1.5"),
     (("--augment-fraction", -0.1), "--augment-fraction must be in [0, 1], got -0.1"),
     (("--augment-fraction", "nan"), "--augment-fraction must be a finite number"),
@@ -137,6 +141,8 @@ def test_a_model_other_than_the_features_is_refused(feats, tmp_path):
     (("--augment", "adv", "--adv-eps", 0), "--adv-eps must be in (0, 2], got 0"),
     (("--augment", "adv", "--adv-eps", "nan"), "--adv-eps must be a finite number"),
     (("--augment", "adv", "--adv-steps", 0), "--adv-steps must be in 1..100, got 0"),
+    (("--augment", "x0-adv", "--adv-eps", 3), "--adv-eps must be in (0, 2], got 3"),
+    (("--augment", "x0-adv", "--kind", "pixel"), "--augment x0-adv is for classifier and segmentation heads"),
 ])
 def test_bad_augment_values_are_one_line(feats, tmp_path, tiny_model_path, args, fragment):
     out = tmp_path / "h.safetensors"

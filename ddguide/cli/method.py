@@ -281,13 +281,14 @@ def train_head(
         "none; x0: also train on the taps of x0_hat(x_t) of the labelled images at t ~ U{0..T/2} (what a head "
         "reads while it guides); adv: also on adversarial versions of the labelled images (PGD on the head's "
         "loss within --adv-eps, through the feature pass), so that guidance must change the image to change "
-        "the head's answer (README \"Heads guidance cannot fool\"). Classifier and segmentation heads; "
+        "the head's answer (README \"Heads guidance cannot fool\"); x0-adv: adversarial versions of the "
+        "x0_hat inputs instead of the clean images. Classifier and segmentation heads; "
         "validation stays on clean images, plus val_accuracy_x0 (and val_accuracy_adv)."))] = "none",
     augment_fraction: Annotated[float, typer.Option(help="Share of each batch that --augment replaces.")] = 0.5,
     adv_eps: Annotated[float, typer.Option(help=(
-        "--augment adv: the perturbation's L2 radius as RMS per pixel on the [-1, 1] scale (0.25 measured best "
+        "--augment adv / x0-adv: the perturbation's L2 radius as RMS per pixel on the [-1, 1] scale (0.25 measured best "
         "on the digits; from 0.35 the head loses its classes)."))] = 0.25,
-    adv_steps: Annotated[int, typer.Option(help="--augment adv: gradient steps per perturbation.")] = 3,
+    adv_steps: Annotated[int, typer.Option(help="--augment adv / x0-adv: gradient steps per perturbation.")] = 3,
     model: Annotated[Optional[Path], typer.Option(help=(
         "The model the features came from, which --augment runs (default: the shipped model); refused "
         "unless it is the features' model."))] = None,

@@ -64,7 +64,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "search": ("best-of-n", "zero-order", "prune"),
     "noise": ("none", "fixed"),
     "storage": ("fp32", "fp16"),
-    "augment": ("none", "x0", "adv"),
+    "augment": ("none", "x0", "adv", "x0-adv"),
 }
 
 

@@ -44,16 +44,18 @@ class TrainHeadConfig:
     blocks: tuple[str, ...] | None = None  # a subset of the extracted taps (default: all)
     timesteps: tuple[int, ...] | None = None
     augment: str = "none"  # none; x0: train also on the taps of x0_hat(x_t) (the inputs guidance feeds a head);
-    # adv: also on adversarial versions of the labelled images (PGD in pixel space through the feature pass)
+    # adv: also on adversarial versions of the labelled images (PGD in pixel space through the feature pass);
+    # x0-adv: on adversarial versions of their x0_hat(x_t) (the inputs guidance feeds a head, after its push)
     augment_fraction: float = 0.5  # the share of each batch replaced by augmented images
-    adv_eps: float = 0.25  # --augment adv: the L2 radius of the perturbation, as RMS per pixel on the [-1, 1] scale
-    adv_steps: int = 3  # --augment adv: PGD steps per batch
+    adv_eps: float = 0.25  # --augment adv / x0-adv: the perturbation's L2 radius, as RMS per pixel on [-1, 1]
+    adv_steps: int = 3  # --augment adv / x0-adv: PGD steps per batch
     model: str | None = None  # the features' model, which --augment runs (default: the shipped model)
     device: str = "cpu"  # where that model runs; the head trains on the CPU
     precision: str = "fp32"  # of that model's passes
 
 
-AUGMENTS = ("none", "x0", "adv")
+AUGMENTS = ("none", "x0", "adv", "x0-adv")
+ADVERSARIAL = ("adv", "x0-adv")  # the augmentations that attack the head (--adv-eps, --adv-steps)
 AUGMENT_FIELDS = ("augment", "augment_fraction", "adv_eps", "adv_steps", "model", "device",
                   "precision")  # not recorded without --augment
 AUGMENT_T_MAX = 0.5  # t ~ U{0..0.5 T}: beyond it x0_hat of the shipped model loses the attribute (README)
@@ -137,9 +139,9 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
         raise UserError(f"--augment-fraction must be in [0, 1], got {cfg.augment_fraction}")
     if cfg.augment != "none" and cfg.kind not in ("classifier", "segmentation"):
         raise UserError(f"--augment {cfg.augment} is for classifier and segmentation heads, not --kind {cfg.kind}")
-    if cfg.augment == "adv" and not (math.isfinite(cfg.adv_eps) and 0 < cfg.adv_eps <= 2):
+    if cfg.augment in ADVERSARIAL and not (math.isfinite(cfg.adv_eps) and 0 < cfg.adv_eps <= 2):
         raise UserError(f"--adv-eps must be in (0, 2], got {cfg.adv_eps}")
-    if cfg.augment == "adv" and not 1 <= cfg.adv_steps <= 100:
+    if cfg.augment in ADVERSARIAL and not 1 <= cfg.adv_steps <= 100:
         raise UserError(f"--adv-steps must be in 1..100, got {cfg.adv_steps}")
     feats = load_features(cfg.features)
     model = features_model(cfg, feats) if cfg.augment != "none" or cfg.model else None
@@ -172,11 +174,12 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
         assert model is not None and spec is not None
         train_inputs = x0_augmented(batch_inputs, model, feats, spec, fraction=cfg.augment_fraction,
                                     normalize=normalize, precision=_precision(cfg, model), seed=cfg.seed)
-    elif cfg.augment == "adv":
+    elif cfg.augment in ADVERSARIAL:
         assert model is not None and spec is not None
         train_inputs = adversarial(batch_inputs, model, feats, spec, head.net, y, fraction=cfg.augment_fraction,
                                    eps=cfg.adv_eps, steps=cfg.adv_steps, normalize=normalize,
-                                   precision=_precision(cfg, model), seed=cfg.seed)
+                                   precision=_precision(cfg, model), seed=cfg.seed,
+                                   from_x0_hat=cfg.augment == "x0-adv")
     fit(head.net, train_inputs, y, train_idx, steps=steps, batch=cfg.batch, lr=cfg.lr,
         weight_decay=cfg.weight_decay, seed=cfg.seed, progress=progress)
 
@@ -187,7 +190,7 @@ def train_head(cfg: TrainHeadConfig, progress: Callable[[int, int, str], None] |
     if cfg.augment != "none" and len(val_idx):
         assert model is not None
         metrics.update(x0_metrics(head, model, feats, _precision(cfg, model)))
-        if cfg.augment == "adv":
+        if cfg.augment in ADVERSARIAL:
             metrics.update(adv_metrics(head, model, feats, y, val_idx, eps=cfg.adv_eps, steps=cfg.adv_steps,
                                        precision=_precision(cfg, model)))
     metrics.update({"train_images": len(train_idx), "val_images": len(val_idx)})
@@ -230,6 +233,10 @@ def _train_record(cfg: TrainHeadConfig, model: Model | None) -> dict:
         assert model is not None
         record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction, adv_eps=cfg.adv_eps,
                       adv_steps=cfg.adv_steps, precision=_precision(cfg, model))
+    elif cfg.augment == "x0-adv":
+        assert model is not None
+        record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction, augment_t=[0, augment_t_max(model)],
+                      adv_eps=cfg.adv_eps, adv_steps=cfg.adv_steps, precision=_precision(cfg, model))
     return record
 
 
@@ -377,17 +384,26 @@ def pgd(net: nn.Module, model: Model, spec: FeatureSpec, images: torch.Tensor, t
 
 def adversarial(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Model, feats: Features,
                 spec: FeatureSpec, net: nn.Module, y: torch.Tensor, *, fraction: float, eps: float, steps: int,
-                normalize: bool, precision: str, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+                normalize: bool, precision: str, seed: int,
+                from_x0_hat: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """:func:`replacing_share` (its picks from a generator of ``seed``) with the inputs of the images' :func:`pgd`
-    versions against ``net`` as it is at that step."""
+    versions against ``net`` as it is at that step. ``from_x0_hat`` (--augment x0-adv): the attack starts from
+    x0_hat of the images at t ~ U{0..augment_t_max} instead of the images themselves (t and noise drawn from
+    a generator of its own, after the pick)."""
+    t_max = augment_t_max(model)
 
     def attacked(sub: torch.Tensor) -> torch.Tensor:
-        images = pgd(net, model, spec, _pixels(feats.images[sub], model.device), y[sub], sub, eps=eps,
-                     steps=steps, normalize=normalize, precision=precision)
+        images = _pixels(feats.images[sub], model.device)
+        if from_x0_hat:
+            t = torch.randint(0, t_max + 1, (len(sub),), generator=gen)
+            noise = torch.randn(images.shape, generator=gen)
+            images = x0_hat(model, images, t.to(model.device), noise.to(model.device), precision)
+        images = pgd(net, model, spec, images, y[sub], sub, eps=eps, steps=steps, normalize=normalize,
+                     precision=precision)
         with torch.no_grad():
             return taps_input(model, spec, images, sub, normalize=normalize, precision=precision)
 
-    gen = torch.Generator().manual_seed(_derived_seed(seed, "adversarial"))
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "x0-adversarial" if from_x0_hat else "adversarial"))
     return replacing_share(batch_inputs, fraction, gen, attacked)
 
 
