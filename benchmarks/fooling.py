@@ -4,7 +4,7 @@ the shipped model.
 Per attribute and seed, end to end through the command line: `ddguide data shapes` (a val-split pool, 50 images
 with and 50 without the attribute are the labelled set), `ddguide extract` with the default taps, one head per
 augmentation (`train-head --augment none`, `--augment x0 --augment-fraction F` for each F, `--augment adv
---adv-eps E` for each E of --adv-eps), then
+--adv-eps E` for each E of --adv-eps, `--augment x0-adv --adv-eps E` for each of --x0-adv-eps), then
 `ddguide sample --guide HEAD --lambda 3 --guide-grad x0 --guide-window 999 0 -n 64 --steps 25` (every step, as
 measured before sample's default window) with the same sample seeds for every
 head, and one unguided run. The shapes oracle (ddguide.shapes.oracles.predict_attributes) judges every sample,
@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.5], help="--augment-fraction values to try")
     ap.add_argument("--adv-eps", nargs="*", type=float, default=[],
                     help="--augment adv heads to add, one per --adv-eps value (fraction 0.5)")
+    ap.add_argument("--x0-adv-eps", nargs="*", type=float, default=[],
+                    help="--augment x0-adv heads to add (the attack starts from x0_hat), one per value")
     ap.add_argument("--adv-steps", type=int, default=3, help="their --adv-steps")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
@@ -141,7 +143,8 @@ def main() -> None:
             if not feats.exists():
                 ddguide("extract", folder, "--labels", table, "--label", attribute, "--out", feats, "--device", "cpu",
                         threads=args.threads)
-            adv = [f"adv:{e:g}" + ("" if args.adv_steps == 3 else f":{args.adv_steps}") for e in args.adv_eps]
+            steps = "" if args.adv_steps == 3 else f":{args.adv_steps}"
+            adv = [f"adv:{e:g}{steps}" for e in args.adv_eps] + [f"x0-adv:{e:g}{steps}" for e in args.x0_adv_eps]
             for augment in ["none", *(f"x0:{f:g}" for f in args.fractions), *adv]:
                 if (attribute, seed, augment) in done:
                     continue
@@ -149,7 +152,8 @@ def main() -> None:
                 start = time.time()
                 kind, *values = augment.split(":")
                 extra = {"none": (), "x0": ("--augment", "x0", "--augment-fraction", *values),
-                         "adv": ("--augment", "adv", "--adv-eps", values[0], "--adv-steps", args.adv_steps)}[kind]
+                         "adv": ("--augment", "adv", "--adv-eps", values[0], "--adv-steps", args.adv_steps),
+                         "x0-adv": ("--augment", "x0-adv", "--adv-eps", values[0], "--adv-steps", args.adv_steps)}[kind]
                 if not head.exists():
                     ddguide("train-head", feats, "--out", head, "--seed", seed, "--device", "cpu", *extra,
                             threads=args.threads)

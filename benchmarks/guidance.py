@@ -55,7 +55,11 @@ from ddguide.core.unet import UNetModel  # noqa: E402
 from ddguide.metrics.fid import DenoiserFeatures, frechet_distance  # noqa: E402
 from ddguide.shapes import oracles  # noqa: E402
 from ddguide.shapes.dataset import ShapesConfig, generate  # noqa: E402
+from ddguide.shapes.demo import labelled_subset  # noqa: E402
+from ddguide.stages.extract import ExtractConfig  # noqa: E402
 from ddguide.stages.sample import SampleConfig, sample  # noqa: E402
+from ddguide.stages.tapsweep import extract_auto  # noqa: E402
+from ddguide.stages.train_head import TrainHeadConfig, train_head  # noqa: E402
 
 METHODS = {
     "unguided": {},
@@ -138,6 +142,25 @@ class Counter:
         UNetModel.forward, UNetModel.features, torch.autograd.grad = self._forward, self._features, self._grad
 
 
+def auto_head(work: Path, attribute: str, seed: int = 0) -> tuple[Path, tuple[str, ...]]:
+    """The head of `extract --blocks auto --timesteps 300` on the same 50 + 50 labelled images as the default-taps
+    head (the pool of ``head_for``), and the blocks the k-fold probe picked."""
+    head, picked = work / f"{attribute}-auto-300-s{seed}.head.safetensors", work / f"{attribute}-auto-s{seed}.json"
+    if head.exists() and picked.exists():
+        return head, tuple(json.loads(picked.read_text()))
+    pool = work / f"pool-s{seed}"
+    if not (pool / "dataset.json").exists():
+        generate(pool, ShapesConfig(n=800, size=32, seed=seed, split="val"))
+    folder, table = labelled_subset(pool, attribute, 50)
+    feats = work / f"{attribute}-auto-300-s{seed}.features.safetensors"
+    path, rows = extract_auto(ExtractConfig(data=str(folder), out=str(feats), timesteps=(300,), labels=str(table),
+                                            label=attribute), auto_blocks=True, auto_times=False)
+    train_head(TrainHeadConfig(features=str(path), out=str(head), seed=seed))
+    feats.unlink()
+    picked.write_text(json.dumps(list(rows[0].blocks)))
+    return head, tuple(rows[0].blocks)
+
+
 def real_features(work: Path, attribute: str, extractor: DenoiserFeatures, n: int = 512) -> np.ndarray:
     """Denoiser features of n fresh real images that have the attribute."""
     cache = work / f"real-{attribute}.npy"
@@ -164,9 +187,12 @@ def fd(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def measure(head: Path, attribute: str, method: str, seed: int, n: int, steps: int, batch: int,
-            real: np.ndarray, extractor: DenoiserFeatures, sampler: str = "ddim") -> dict:
+            real: np.ndarray, extractor: DenoiserFeatures, sampler: str = "ddim",
+            verifiers: list[Path] | None = None) -> dict:
     options = dict(METHODS[method])
     guided = method != "unguided"
+    if verifiers and ("search" in options or "particles" in options) and options.get("smc") != "tds":
+        options["verifier"] = [str(v) for v in verifiers]
     with tempfile.TemporaryDirectory() as tmp, Counter() as count:
         start = time.perf_counter()
         cfg = SampleConfig(out=str(Path(tmp) / "s"), n=n, steps=steps, sampler=sampler, seed=1000 * seed, batch=batch,
@@ -208,6 +234,13 @@ def main() -> None:
     ap.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"),
                     help="ddim (eta 0; the rows in README) or ddpm (sample's default sampler)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--taps", default="default", choices=("default", "auto"),
+                    help="the head's taps: extract's default (the rows in README unless they say otherwise) or "
+                         "`extract --blocks auto` on the same labelled images (rows keyed \"taps\": \"auto\")")
+    ap.add_argument("--verifier", default="guide", choices=("guide", "auto", "both"),
+                    help="what scores candidates and particles: the guiding head (sample's default), the head of "
+                         "`extract --blocks auto` on the same labelled images, or both together (the sum of their "
+                         "log-probabilities); rows keyed \"verifier\"")
     ap.add_argument("--work", type=Path, default=Path("runs/guidance"))
     ap.add_argument("--out", type=Path, default=Path("runs/guidance.json"))
     ap.add_argument("--summary", nargs="+", type=Path, metavar="JSON",
@@ -219,28 +252,41 @@ def main() -> None:
         for path in args.summary:
             for r in json.loads(path.read_text()):
                 merged.setdefault((r["attribute"], r["method"], r["seed"], r["n"], r["steps"],
-                                   r.get("sampler", "ddim")), r)
-        return summarise([r for (a, m, _, n, steps, sampler), r in merged.items() if a in args.attributes
-                          and m in args.methods and n == args.n and steps == args.steps and sampler == args.sampler])
+                                   r.get("sampler", "ddim"), r.get("taps", "default"), r.get("verifier", "guide")), r)
+        return summarise([r for (a, m, _, n, steps, sampler, taps, verifier), r in merged.items()
+                          if a in args.attributes and m in args.methods and n == args.n and steps == args.steps
+                          and sampler == args.sampler and taps == args.taps and verifier == args.verifier])
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     extractor = DenoiserFeatures(load_model(), "cpu")
     for attribute in args.attributes:
-        head = head_for(args.work, attribute, tuple(load_model().net.default_taps()), (300,), 0)
+        if args.taps == "auto":
+            head, blocks = auto_head(args.work, attribute)
+            print(f"{attribute}: --blocks auto picked {' '.join(blocks)}", flush=True)
+        else:
+            head = head_for(args.work, attribute, tuple(load_model().net.default_taps()), (300,), 0)
+        verifiers = {"guide": None, "auto": [auto_head(args.work, attribute)[0]],
+                     "both": [head, auto_head(args.work, attribute)[0]]}[args.verifier]
         real = real_features(args.work, attribute, extractor)
         for seed in args.seeds:
             for method in args.methods:
                 key = {"attribute": attribute, "method": method, "seed": seed, "n": args.n, "steps": args.steps,
-                       "sampler": args.sampler}
-                if any(all(r.get(k, "ddim") == v for k, v in key.items()) for r in rows):
+                       "sampler": args.sampler, "taps": args.taps, "verifier": args.verifier}
+                absent = {"sampler": "ddim", "taps": "default", "verifier": "guide"}
+                if any(all(r.get(k, absent.get(k)) == v for k, v in key.items()) for r in rows):
                     continue
                 row = {**measure(head, attribute, method, seed, args.n, args.steps, args.batch, real, extractor,
-                                 args.sampler), "sampler": args.sampler}
+                                 args.sampler, verifiers), "sampler": args.sampler}
+                if args.taps != "default":
+                    row["taps"] = args.taps
+                if args.verifier != "guide":
+                    row["verifier"] = args.verifier
                 rows.append(row)
                 args.out.write_text(json.dumps(rows, indent=1))
                 print(json.dumps(row), flush=True)
-    summarise(rows)
+    summarise([r for r in rows if r.get("taps", "default") == args.taps
+               and r.get("verifier", "guide") == args.verifier])
 
 
 if __name__ == "__main__":
