@@ -105,7 +105,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attributes", nargs="+", default=["has_circle", "has_red"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--fractions", nargs="+", type=float, default=[0.5], help="--augment-fraction values to try")
+    ap.add_argument("--fractions", nargs="*", type=float, default=[0.5],
+                    help="--augment x0 heads, one per --augment-fraction value (none: no such heads)")
     ap.add_argument("--adv-eps", nargs="*", type=float, default=[],
                     help="--augment adv heads to add, one per --adv-eps value (fraction 0.5)")
     ap.add_argument("--x0-adv-eps", nargs="*", type=float, default=[],

@@ -237,6 +237,9 @@ def main() -> None:
     ap.add_argument("--taps", default="default", choices=("default", "auto"),
                     help="the head's taps: extract's default (the rows in README unless they say otherwise) or "
                          "`extract --blocks auto` on the same labelled images (rows keyed \"taps\": \"auto\")")
+    ap.add_argument("--head", type=Path, default=None,
+                    help="guide with this head file instead of the one trained here (one attribute; rows keyed "
+                         "\"head\": its file name)")
     ap.add_argument("--verifier", default="guide", choices=("guide", "auto", "both"),
                     help="what scores candidates and particles: the guiding head (sample's default), the head of "
                          "`extract --blocks auto` on the same labelled images, or both together (the sum of their "
@@ -252,27 +255,33 @@ def main() -> None:
         for path in args.summary:
             for r in json.loads(path.read_text()):
                 merged.setdefault((r["attribute"], r["method"], r["seed"], r["n"], r["steps"],
-                                   r.get("sampler", "ddim"), r.get("taps", "default"), r.get("verifier", "guide")), r)
-        return summarise([r for (a, m, _, n, steps, sampler, taps, verifier), r in merged.items()
+                                   r.get("sampler", "ddim"), r.get("taps", "default"), r.get("verifier", "guide"),
+                                   r.get("head")), r)
+        head_name = args.head.name if args.head else None
+        return summarise([r for (a, m, _, n, steps, sampler, taps, verifier, head), r in merged.items()
                           if a in args.attributes and m in args.methods and n == args.n and steps == args.steps
-                          and sampler == args.sampler and taps == args.taps and verifier == args.verifier])
+                          and sampler == args.sampler and taps == args.taps and verifier == args.verifier
+                          and head == head_name])
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     extractor = DenoiserFeatures(load_model(), "cpu")
     for attribute in args.attributes:
-        if args.taps == "auto":
+        if args.head:
+            head = args.head
+        elif args.taps == "auto":
             head, blocks = auto_head(args.work, attribute)
             print(f"{attribute}: --blocks auto picked {' '.join(blocks)}", flush=True)
         else:
             head = head_for(args.work, attribute, tuple(load_model().net.default_taps()), (300,), 0)
-        verifiers = {"guide": None, "auto": [auto_head(args.work, attribute)[0]],
-                     "both": [head, auto_head(args.work, attribute)[0]]}[args.verifier]
+        verifiers = None if args.verifier == "guide" else \
+            ([head] if args.verifier == "both" else []) + [auto_head(args.work, attribute)[0]]
         real = real_features(args.work, attribute, extractor)
         for seed in args.seeds:
             for method in args.methods:
                 key = {"attribute": attribute, "method": method, "seed": seed, "n": args.n, "steps": args.steps,
-                       "sampler": args.sampler, "taps": args.taps, "verifier": args.verifier}
+                       "sampler": args.sampler, "taps": args.taps, "verifier": args.verifier,
+                       "head": args.head.name if args.head else None}
                 absent = {"sampler": "ddim", "taps": "default", "verifier": "guide"}
                 if any(all(r.get(k, absent.get(k)) == v for k, v in key.items()) for r in rows):
                     continue
@@ -282,11 +291,14 @@ def main() -> None:
                     row["taps"] = args.taps
                 if args.verifier != "guide":
                     row["verifier"] = args.verifier
+                if args.head:
+                    row["head"] = args.head.name
                 rows.append(row)
                 args.out.write_text(json.dumps(rows, indent=1))
                 print(json.dumps(row), flush=True)
     summarise([r for r in rows if r.get("taps", "default") == args.taps
-               and r.get("verifier", "guide") == args.verifier])
+               and r.get("verifier", "guide") == args.verifier
+               and r.get("head") == (args.head.name if args.head else None)])
 
 
 if __name__ == "__main__":
