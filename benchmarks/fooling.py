@@ -152,9 +152,12 @@ def main() -> None:
                 head = args.work / f"{attribute}-s{seed}-{augment.replace(':', '-')}.head.safetensors"
                 start = time.time()
                 kind, *values = augment.split(":")
-                extra = {"none": (), "x0": ("--augment", "x0", "--augment-fraction", *values),
-                         "adv": ("--augment", "adv", "--adv-eps", values[0], "--adv-steps", args.adv_steps),
-                         "x0-adv": ("--augment", "x0-adv", "--adv-eps", values[0], "--adv-steps", args.adv_steps)}[kind]
+                if kind == "none":
+                    extra: tuple = ()
+                elif kind == "x0":
+                    extra = ("--augment", "x0", "--augment-fraction", *values)
+                else:  # adv, x0-adv: --adv-eps E
+                    extra = ("--augment", kind, "--adv-eps", values[0], "--adv-steps", args.adv_steps)
                 if not head.exists():
                     ddguide("train-head", feats, "--out", head, "--seed", seed, "--device", "cpu", *extra,
                             threads=args.threads)
