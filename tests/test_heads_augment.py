@@ -64,23 +64,23 @@ def test_augment_none_gives_the_head_it_always_gave(feats, tmp_path, tiny_model_
         assert "augment" not in artifacts.load(out, "head").config["train"]
 
 
-# augmentation -> (its options, the training record it must write, keys that record must lack, its metric)
+# augmentation -> (its options, the training record it must write, keys that record must lack, its metrics)
 AUGMENTED = {
     "x0": ((), {"augment": "x0", "augment_fraction": 0.5, "augment_t": [0, 500], "precision": "fp32"},
-           ("adv_eps", "adv_steps"), "x0"),
+           ("adv_eps", "adv_steps"), ("x0",)),
     "adv": (("--adv-eps", 0.2, "--adv-steps", 2),
             {"augment": "adv", "augment_fraction": 0.5, "adv_eps": 0.2, "adv_steps": 2, "precision": "fp32"},
-            ("augment_t",), "adv"),
+            ("augment_t",), ("x0", "adv")),
     "x0-adv": (("--adv-steps", 2),
                {"augment": "x0-adv", "augment_fraction": 0.5, "augment_t": [0, 500], "adv_eps": 0.25, "adv_steps": 2,
-                "precision": "fp32"}, (), "adv"),
+                "precision": "fp32"}, (), ("x0", "adv")),
 }
 
 
 @pytest.mark.parametrize("augment", list(AUGMENTED))
 @pytest.mark.parametrize("kind", ["classifier", "segmentation"])
 def test_augment_trains_records_and_repeats(feats, tmp_path, tiny_model_path, kind, augment):
-    extra, record, absent, metric = AUGMENTED[augment]
+    extra, record, absent, metrics = AUGMENTED[augment]
     args = ("--kind", kind, "--augment", augment, *extra, "--model", tiny_model_path, "--device", "cpu",
             "--precision", "fp32")
     a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
@@ -91,14 +91,27 @@ def test_augment_trains_records_and_repeats(feats, tmp_path, tiny_model_path, ki
     t = art.config["train"]
     assert {k: t[k] for k in record} == record
     assert not any(k in t for k in absent)
-    name = f"val_miou_{metric}" if kind == "segmentation" else f"val_accuracy_{metric}"
-    assert 0 <= art.config["metrics"][name] <= 1
+    for metric in metrics:
+        name = f"val_miou_{metric}" if kind == "segmentation" else f"val_accuracy_{metric}"
+        assert 0 <= art.config["metrics"][name] <= 1
     assert head_digest(a) == head_digest(b)  # one seed, one head
     assert head_digest(a) != head_digest(c)
     none = tmp_path / "none.safetensors"
     expect_ok(train(feats[kind], none, "--kind", kind))
     weights = artifacts.load(none, "head").tensors
     assert any(not torch.equal(weights[k], art.tensors[k]) for k in weights)  # the augmentation did something
+
+
+def test_x0_adv_attacks_from_x0_hat_not_from_the_images(feats, tmp_path, tiny_model_path):
+    """--augment x0-adv and --augment adv with one seed and radius train different heads: the attack's start
+    differs (x0_hat at a drawn t, against the clean image)."""
+    heads = {}
+    for augment in ("adv", "x0-adv"):
+        heads[augment] = tmp_path / f"{augment}.safetensors"
+        expect_ok(train(feats["classifier"], heads[augment], "--augment", augment, "--adv-steps", 1, "--model",
+                        tiny_model_path, "--device", "cpu", "--precision", "fp32"))
+    a, b = (artifacts.load(heads[k], "head").tensors for k in ("adv", "x0-adv"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_augment_leaves_the_global_generator_alone(feats, tmp_path, tiny_model_path):
