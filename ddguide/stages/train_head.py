@@ -56,6 +56,7 @@ class TrainHeadConfig:
 
 AUGMENTS = ("none", "x0", "adv", "x0-adv")
 ADVERSARIAL = ("adv", "x0-adv")  # the augmentations that attack the head (--adv-eps, --adv-steps)
+X0_HAT = ("x0", "x0-adv")  # the augmentations that start from x0_hat at a drawn t
 AUGMENT_FIELDS = ("augment", "augment_fraction", "adv_eps", "adv_steps", "model", "device",
                   "precision")  # not recorded without --augment
 AUGMENT_T_MAX = 0.5  # t ~ U{0..0.5 T}: beyond it x0_hat of the shipped model loses the attribute (README)
@@ -225,18 +226,14 @@ def _train_record(cfg: TrainHeadConfig, model: Model | None) -> dict:
     recorded (so such a head's file is what it was before --augment existed); with it, also the augmentation,
     its share and the precision of the model's passes, with the range of t (x0) or the radius and steps (adv)."""
     record = {k: v for k, v in asdict(cfg).items() if k not in AUGMENT_FIELDS}
-    if cfg.augment == "x0":
+    if cfg.augment != "none":
         assert model is not None
-        record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction,
-                      augment_t=[0, augment_t_max(model)], precision=_precision(cfg, model))
-    elif cfg.augment == "adv":
-        assert model is not None
-        record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction, adv_eps=cfg.adv_eps,
-                      adv_steps=cfg.adv_steps, precision=_precision(cfg, model))
-    elif cfg.augment == "x0-adv":
-        assert model is not None
-        record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction, augment_t=[0, augment_t_max(model)],
-                      adv_eps=cfg.adv_eps, adv_steps=cfg.adv_steps, precision=_precision(cfg, model))
+        record.update(augment=cfg.augment, augment_fraction=cfg.augment_fraction)
+        if cfg.augment in X0_HAT:
+            record.update(augment_t=[0, augment_t_max(model)])
+        if cfg.augment in ADVERSARIAL:
+            record.update(adv_eps=cfg.adv_eps, adv_steps=cfg.adv_steps)
+        record.update(precision=_precision(cfg, model))
     return record
 
 
@@ -285,6 +282,14 @@ def x0_hat_inputs(model: Model, feats: Features, spec: FeatureSpec, idx: torch.T
     return taps_input(model, spec, images, idx, normalize=normalize, precision=precision)
 
 
+def drawn_x0_hat(model: Model, images: torch.Tensor, gen: torch.Generator, precision: str) -> torch.Tensor:
+    """:func:`x0_hat` of ``images`` (N, C, H, W) at t ~ U{0..augment_t_max} and fresh noise, t then the noise
+    drawn (on the CPU) from ``gen``."""
+    t = torch.randint(0, augment_t_max(model) + 1, (len(images),), generator=gen)
+    noise = torch.randn(images.shape, generator=gen)
+    return x0_hat(model, images, t.to(model.device), noise.to(model.device), precision)
+
+
 def replacing_share(batch_inputs: Callable[[torch.Tensor], torch.Tensor], fraction: float, gen: torch.Generator,
                     replace_with: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``batch_inputs`` with ``round(fraction * batch)`` of each batch's images, drawn anew every batch from
@@ -308,12 +313,10 @@ def x0_augmented(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Mo
     """:func:`replacing_share` with the inputs of the images' x0_hat at t ~ U{0..augment_t_max}; every draw from
     one generator of ``seed``."""
     gen = torch.Generator().manual_seed(_derived_seed(seed, "augment"))
-    size, t_max = feats.meta.image_size, augment_t_max(model)
 
     def x0_hats(sub: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, t_max + 1, (len(sub),), generator=gen)
-        noise = torch.randn((len(sub), feats.images.shape[3], size, size), generator=gen)
-        return x0_hat_inputs(model, feats, spec, sub, t, noise, normalize=normalize, precision=precision)
+        images = drawn_x0_hat(model, _pixels(feats.images[sub], model.device), gen, precision)
+        return taps_input(model, spec, images, sub, normalize=normalize, precision=precision)
 
     return replacing_share(batch_inputs, fraction, gen, x0_hats)
 
@@ -390,14 +393,11 @@ def adversarial(batch_inputs: Callable[[torch.Tensor], torch.Tensor], model: Mod
     versions against ``net`` as it is at that step. ``from_x0_hat`` (--augment x0-adv): the attack starts from
     x0_hat of the images at t ~ U{0..augment_t_max} instead of the images themselves (t and noise drawn from
     a generator of its own, after the pick)."""
-    t_max = augment_t_max(model)
 
     def attacked(sub: torch.Tensor) -> torch.Tensor:
         images = _pixels(feats.images[sub], model.device)
         if from_x0_hat:
-            t = torch.randint(0, t_max + 1, (len(sub),), generator=gen)
-            noise = torch.randn(images.shape, generator=gen)
-            images = x0_hat(model, images, t.to(model.device), noise.to(model.device), precision)
+            images = drawn_x0_hat(model, images, gen, precision)
         images = pgd(net, model, spec, images, y[sub], sub, eps=eps, steps=steps, normalize=normalize,
                      precision=precision)
         with torch.no_grad():
