@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lambda_curve import head_for  # noqa: E402
+from lambda_curve import head_for, labelled_pool  # noqa: E402
 
 from ddguide.core.data import load_image  # noqa: E402
 from ddguide.core.model import load_model  # noqa: E402
@@ -55,7 +55,6 @@ from ddguide.core.unet import UNetModel  # noqa: E402
 from ddguide.metrics.fid import DenoiserFeatures, frechet_distance  # noqa: E402
 from ddguide.shapes import oracles  # noqa: E402
 from ddguide.shapes.dataset import ShapesConfig, generate  # noqa: E402
-from ddguide.shapes.demo import labelled_subset  # noqa: E402
 from ddguide.stages.extract import ExtractConfig  # noqa: E402
 from ddguide.stages.sample import SampleConfig, sample  # noqa: E402
 from ddguide.stages.tapsweep import extract_auto  # noqa: E402
@@ -148,10 +147,7 @@ def auto_head(work: Path, attribute: str, seed: int = 0) -> tuple[Path, tuple[st
     head, picked = work / f"{attribute}-auto-300-s{seed}.head.safetensors", work / f"{attribute}-auto-s{seed}.json"
     if head.exists() and picked.exists():
         return head, tuple(json.loads(picked.read_text()))
-    pool = work / f"pool-s{seed}"
-    if not (pool / "dataset.json").exists():
-        generate(pool, ShapesConfig(n=800, size=32, seed=seed, split="val"))
-    folder, table = labelled_subset(pool, attribute, 50)
+    folder, table = labelled_pool(work, attribute, seed)
     feats = work / f"{attribute}-auto-300-s{seed}.features.safetensors"
     path, rows = extract_auto(ExtractConfig(data=str(folder), out=str(feats), timesteps=(300,), labels=str(table),
                                             label=attribute), auto_blocks=True, auto_times=False)
@@ -209,6 +205,14 @@ def measure(head: Path, attribute: str, method: str, seed: int, n: int, steps: i
             "backward_per_image": count.backward / n, "seconds_per_image": wall / n}
 
 
+# what a row was measured with beyond its method and seed, and the value a row that lacks the key had
+SETTINGS = {"sampler": "ddim", "taps": "default", "verifier": "guide", "head": None}
+
+
+def setting(row: dict) -> tuple:
+    return tuple(row.get(k, v) for k, v in SETTINGS.items())
+
+
 def summarise(rows: list[dict]) -> None:
     print(f"\n{'attribute':12s} {'method':11s} {'share':>13s} {'valid':>6s} {'FD':>7s} {'fwd':>5s} {'feat':>5s} "
           f"{'bwd':>5s} {'s/img':>6s} seeds")
@@ -223,11 +227,26 @@ def summarise(rows: list[dict]) -> None:
               f"{mean('seconds_per_image'):6.2f} {len(rs)} x n={rs[0]['n']}")
 
 
+def summarise_heads(per_head: list[list[dict]]) -> None:
+    """Per attribute and method, the mean over heads of each head's mean over seeds (share with its min-max,
+    validity, FD)."""
+    print(f"\nover {len(per_head)} heads:")
+    keys = sorted({(r["attribute"], r["method"]) for rs in per_head for r in rs})
+    for attribute, method in keys:
+        means = [[float(np.mean([r[k] for r in rs if (r["attribute"], r["method"]) == (attribute, method)]))
+                  for k in ("share", "valid", "fd_to_real_with_attribute")]
+                 for rs in per_head if any((r["attribute"], r["method"]) == (attribute, method) for r in rs)]
+        a = np.array(means)
+        print(f"{attribute:12s} {method:11s} share {a[:, 0].mean():.3f} (heads {a[:, 0].min():.3f}-{a[:, 0].max():.3f})"
+              f" valid {a[:, 1].mean():.3f} FD {a[:, 2].mean():.2f}  {len(means)} heads")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attributes", nargs="+", default=["has_red", "has_circle"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="sample seeds (default 0 1 2; with --summary: every seed in the files unless given)")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=16)
@@ -237,9 +256,9 @@ def main() -> None:
     ap.add_argument("--taps", default="default", choices=("default", "auto"),
                     help="the head's taps: extract's default (the rows in README unless they say otherwise) or "
                          "`extract --blocks auto` on the same labelled images (rows keyed \"taps\": \"auto\")")
-    ap.add_argument("--head", type=Path, default=None,
+    ap.add_argument("--head", type=Path, nargs="+", default=None,
                     help="guide with this head file instead of the one trained here (one attribute; rows keyed "
-                         "\"head\": its file name)")
+                         "\"head\": its file name); with --summary, several: one table per head and their mean")
     ap.add_argument("--verifier", default="guide", choices=("guide", "auto", "both"),
                     help="what scores candidates and particles: the guiding head (sample's default), the head of "
                          "`extract --blocks auto` on the same labelled images, or both together (the sum of their "
@@ -247,58 +266,62 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/guidance"))
     ap.add_argument("--out", type=Path, default=Path("runs/guidance.json"))
     ap.add_argument("--summary", nargs="+", type=Path, metavar="JSON",
-                    help="measure nothing: the table over every seed of these files' rows (a row measured twice "
-                         "counts once) for --attributes, --methods, --n, --steps and --sampler")
+                    help="measure nothing: the table over the seeds of these files' rows (a row measured twice "
+                         "counts once) for --attributes, --methods, --n, --steps, --sampler, --taps, --verifier, "
+                         "--head and --seeds")
     args = ap.parse_args()
+    wanted = {"sampler": args.sampler, "taps": args.taps, "verifier": args.verifier}
     if args.summary:
         merged: dict[tuple, dict] = {}
         for path in args.summary:
             for r in json.loads(path.read_text()):
-                merged.setdefault((r["attribute"], r["method"], r["seed"], r["n"], r["steps"],
-                                   r.get("sampler", "ddim"), r.get("taps", "default"), r.get("verifier", "guide"),
-                                   r.get("head")), r)
-        head_name = args.head.name if args.head else None
-        return summarise([r for (a, m, _, n, steps, sampler, taps, verifier, head), r in merged.items()
-                          if a in args.attributes and m in args.methods and n == args.n and steps == args.steps
-                          and sampler == args.sampler and taps == args.taps and verifier == args.verifier
-                          and head == head_name])
+                merged.setdefault((r["attribute"], r["method"], r["seed"], r["n"], r["steps"], setting(r)), r)
+        per_head = []
+        for head in args.head or [None]:
+            want = setting({**wanted, "head": head.name if head else None})
+            rs = [r for r in merged.values() if r["attribute"] in args.attributes and r["method"] in args.methods
+                  and r["n"] == args.n and r["steps"] == args.steps and setting(r) == want
+                  and (args.seeds is None or r["seed"] in args.seeds)]
+            if head:
+                print(f"head {head.name}:")
+            summarise(rs)
+            per_head.append(rs)
+        if len(per_head) > 1:
+            summarise_heads(per_head)
+        return
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
-    extractor = DenoiserFeatures(load_model(), "cpu")
+    if args.head and len(args.head) > 1:
+        ap.error("--head: one head file when measuring (several only with --summary)")
+    given = args.head[0] if args.head else None
+    args.seeds = args.seeds or [0, 1, 2]
+    wanted["head"] = given.name if given else None
+    model = load_model()
+    extractor = DenoiserFeatures(model, "cpu")
     for attribute in args.attributes:
-        if args.head:
-            head = args.head
+        if given:
+            head = given
         elif args.taps == "auto":
             head, blocks = auto_head(args.work, attribute)
             print(f"{attribute}: --blocks auto picked {' '.join(blocks)}", flush=True)
         else:
-            head = head_for(args.work, attribute, tuple(load_model().net.default_taps()), (300,), 0)
+            head = head_for(args.work, attribute, tuple(model.net.default_taps()), (300,), 0)
         verifiers = None if args.verifier == "guide" else \
             ([head] if args.verifier == "both" else []) + [auto_head(args.work, attribute)[0]]
         real = real_features(args.work, attribute, extractor)
         for seed in args.seeds:
             for method in args.methods:
-                key = {"attribute": attribute, "method": method, "seed": seed, "n": args.n, "steps": args.steps,
-                       "sampler": args.sampler, "taps": args.taps, "verifier": args.verifier,
-                       "head": args.head.name if args.head else None}
-                absent = {"sampler": "ddim", "taps": "default", "verifier": "guide"}
-                if any(all(r.get(k, absent.get(k)) == v for k, v in key.items()) for r in rows):
+                key = (attribute, method, seed, args.n, args.steps, setting(wanted))
+                if any((r["attribute"], r["method"], r["seed"], r["n"], r["steps"], setting(r)) == key for r in rows):
                     continue
-                row = {**measure(head, attribute, method, seed, args.n, args.steps, args.batch, real, extractor,
-                                 args.sampler, verifiers), "sampler": args.sampler}
-                if args.taps != "default":
-                    row["taps"] = args.taps
-                if args.verifier != "guide":
-                    row["verifier"] = args.verifier
-                if args.head:
-                    row["head"] = args.head.name
+                row = measure(head, attribute, method, seed, args.n, args.steps, args.batch, real, extractor,
+                              args.sampler, verifiers)
+                row.update({k: v for k, v in wanted.items() if k == "sampler" or v != SETTINGS[k]})
                 rows.append(row)
                 args.out.write_text(json.dumps(rows, indent=1))
                 print(json.dumps(row), flush=True)
-    summarise([r for r in rows if r.get("taps", "default") == args.taps
-               and r.get("verifier", "guide") == args.verifier
-               and r.get("head") == (args.head.name if args.head else None)])
+    summarise([r for r in rows if setting(r) == setting(wanted)])
 
 
 if __name__ == "__main__":

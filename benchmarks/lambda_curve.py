@@ -38,15 +38,21 @@ from ddguide.stages.sample import draw, plain_denoiser, timesteps_for  # noqa: E
 from ddguide.stages.train_head import TrainHeadConfig, train_head
 
 
+def labelled_pool(work: Path, attribute: str, seed: int) -> tuple[Path, Path]:
+    """50 + 50 labelled images of ``attribute`` from an 800-image val pool of ``seed`` (made on first use): the
+    folder and its label table."""
+    pool = work / f"pool-s{seed}"
+    if not (pool / "dataset.json").exists():
+        generate(pool, ShapesConfig(n=800, size=32, seed=seed, split="val"))
+    return labelled_subset(pool, attribute, 50)
+
+
 def head_for(work: Path, attribute: str, blocks: tuple[str, ...], timesteps: tuple[int, ...], seed: int) -> Path:
     tag = f"{attribute}-{'+'.join(blocks)}-{'+'.join(map(str, timesteps))}-s{seed}"
     head = work / f"{tag}.head.safetensors"
     if head.exists():
         return head
-    pool = work / f"pool-s{seed}"
-    if not (pool / "dataset.json").exists():
-        generate(pool, ShapesConfig(n=800, size=32, seed=seed, split="val"))
-    folder, table = labelled_subset(pool, attribute, 50)
+    folder, table = labelled_pool(work, attribute, seed)
     feats = work / f"{tag}.features.safetensors"
     extract(ExtractConfig(data=str(folder), out=str(feats), blocks=blocks, timesteps=timesteps, labels=str(table),
                           label=attribute))
