@@ -119,7 +119,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", type=Path, default=Path("runs/fooling"))
     ap.add_argument("--out", type=Path, default=Path("runs/fooling.json"))
+    ap.add_argument("--summary", nargs="+", type=Path, metavar="JSON",
+                    help="measure nothing: the rows of these files and, per attribute and head kind, the means over "
+                         "head seeds")
     args = ap.parse_args()
+    if args.summary:
+        rows = [r for path in args.summary for r in json.loads(path.read_text())]
+        table_rows(rows)
+        return means(rows)
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(r["attribute"], r["seed"], r["augment"]) for r in results}
@@ -183,6 +190,23 @@ def table_rows(results: list[dict]) -> None:
             return format(r[key], fmt) if r.get(key) is not None else "-"
         print(f"{r['attribute']:<11} {r['seed']:>4} {r['augment']:<9} {f('share'):>6} {f('confident'):>6} "
               f"{f('fooled'):>7} {f('val_acc'):>5} {f('val_acc_x0'):>6} {f('train_s', '.0f'):>7}")
+
+
+def means(results: list[dict]) -> None:
+    """Per attribute and head kind, the mean over seeds of the share, the share of samples fooling the head and
+    the fooling rate among its confident samples (with its largest value)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["attribute"], r["augment"]), []).append(r)
+    print(f"\n{'attribute':<11} {'head':<12} {'seeds':>5} {'share':>6} {'fooled':>7} {'of conf.':>8} {'max':>5}")
+    for (attribute, augment), rs in sorted(groups.items()):
+        share = sum(r["share"] for r in rs) / len(rs)
+        if augment == "unguided":
+            print(f"{attribute:<11} {augment:<12} {len(rs):>5} {share:6.3f}")
+            continue
+        rate = [r["fooled_of_confident"] for r in rs]
+        print(f"{attribute:<11} {augment:<12} {len(rs):>5} {share:6.3f} {sum(r['fooled'] for r in rs) / len(rs):7.3f} "
+              f"{sum(rate) / len(rate):8.3f} {max(rate):5.3f}")
 
 
 if __name__ == "__main__":
